@@ -1,0 +1,347 @@
+"""ModelPair: one model in two states, original (adapters off) and circuit-broken (adapters on).
+
+A circuit breaker is a LoRA adapter; the "original" model is the same weights with the adapter
+disabled (as in the paper's code). A :class:`ModelPair` holds:
+
+- ``model``: the Hugging Face causal LM, with peft LoRA layers injected in place when an adapter
+  is present;
+- ``peft_model``: the :class:`peft.PeftModel` around it (``None`` without an adapter);
+- ``bridge``: a TransformerLens ``TransformerBridge`` over ``model``, giving canonical hook points
+  (``blocks.{b}.hook_resid_post`` ...) in both states.
+
+The bridge replaces modules in place (their weights move under ``._original_component``), and a
+bridged model's key-value cache is wrong in ``generate`` (seen with SmolLM2: fluent text without
+the cache, garbage with it). So the bridge wraps a *structural copy* of the model that shares
+every parameter and buffer with it: hook points and training go through the bridge, fast cached
+generation through the untouched model, and both always compute with the same weights. Adapters
+are switched on and off in both module trees at once (:meth:`ModelPair.original`). Peft's
+state-dict keys therefore carry no ``._original_component``; :meth:`ModelPair.save_adapter`
+strips it anyway, since a bridged key would make peft reload random adapters silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from cbscope.layers import resid_hook_name, validate_layers
+from cbscope.models import ResolvedModel, parse_dtype, resolve_model
+
+logger = logging.getLogger(__name__)
+
+BRIDGE_KEY_INFIX = "._original_component"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_META = "cbscope_adapter.json"
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter that does not fit the base model it is loaded onto."""
+
+
+class _StopForward(Exception):  # noqa: N818 - control flow, not an error
+    """Raised from the last needed hook so the rest of the forward (and the unembedding) is skipped."""
+
+
+def model_fingerprint(config: Any) -> dict[str, Any]:
+    """Architecture facts an adapter depends on (saved beside it, checked on load)."""
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+    facts = {key: getattr(config, key, None) for key in keys}
+    facts["digest"] = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+    return facts
+
+
+def strip_bridge_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Remove the bridge's ``._original_component`` from peft state-dict keys."""
+    return {key.replace(BRIDGE_KEY_INFIX, ""): value for key, value in state_dict.items()}
+
+
+@dataclass
+class ModelPair:
+    """A base model and its circuit-breaker adapter, with TransformerLens hook points.
+
+    Use :func:`load_pair` to make one. Outside ``with pair.original():`` the adapters are on.
+    """
+
+    model: Any
+    tokenizer: Any
+    bridge: Any
+    resolved: ResolvedModel
+    peft_model: Any | None = None
+    adapter_path: Path | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder blocks (paper layers run ``1 .. n_layers``)."""
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        """Width of the residual stream."""
+        return int(self.model.config.hidden_size)
+
+    @property
+    def has_adapter(self) -> bool:
+        """True when a LoRA adapter is attached."""
+        return self.peft_model is not None
+
+    @property
+    def generator(self) -> Any:
+        """The module to call ``generate`` on: the peft model (adapters on) or the base model."""
+        return self.peft_model if self.peft_model is not None else self.model
+
+    def _lora_layers(self) -> list[Any]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        modules = {id(m): m for tree in (self.model, self.bridge) for m in tree.modules()}
+        return [m for m in modules.values() if isinstance(m, BaseTunerLayer)]
+
+    @contextlib.contextmanager
+    def original(self) -> Iterator[ModelPair]:
+        """Run with the adapters disabled: the frozen, original model (bridge and ``generate``)."""
+        layers = self._lora_layers() if self.peft_model is not None else []
+        previous = [layer._disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield self
+        finally:
+            for layer, state in zip(layers, previous, strict=True):
+                layer._disable_adapters = state
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable LoRA parameters (empty without an adapter)."""
+        return [p for name, p in self.model.named_parameters() if "lora_" in name]
+
+    def resid(
+        self,
+        input_ids: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None,
+        layers: Sequence[int],
+    ) -> Float[Tensor, "layer batch pos d_model"]:
+        """Residual stream at paper-convention ``layers``, read at ``blocks.{l-1}.hook_resid_post``.
+
+        The forward stops right after the highest requested layer: the remaining blocks and the
+        unembedding are never computed. Gradients flow when enabled by the caller (the hook
+        tensors are not detached), so the trainer uses this too. Hooks always come off.
+
+        Args:
+            input_ids: Token ids, right padded.
+            attention_mask: 1 for real tokens, 0 for padding.
+            layers: Paper-convention layers (``1 .. n_layers``).
+        """
+        layers = validate_layers(layers, self.n_layers)
+        captured: dict[int, Tensor] = {}
+        last = layers[-1]
+
+        def make_hook(layer: int):
+            def hook(activation: Tensor, hook: Any) -> None:
+                captured[layer] = activation
+                if layer == last:
+                    raise _StopForward
+
+            return hook
+
+        fwd_hooks = [(resid_hook_name(layer), make_hook(layer)) for layer in layers]
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        with contextlib.suppress(_StopForward), self.bridge.hooks(fwd_hooks=fwd_hooks):
+            self.bridge(input_ids, attention_mask=attention_mask, return_type=None)
+        missing = [layer for layer in layers if layer not in captured]
+        if missing:
+            raise RuntimeError(f"hooks for layers {missing} did not fire")
+        return torch.stack([captured[layer] for layer in layers])
+
+    def save_adapter(self, out_dir: str | os.PathLike[str], *, extra: dict | None = None) -> Path:
+        """Save the adapter in peft format, loadable by plain ``PeftModel.from_pretrained``.
+
+        Written into a temporary folder and renamed, so an existing adapter is never left half
+        overwritten.
+
+        Args:
+            out_dir: Target folder (replaced if it exists).
+            extra: Extra metadata stored in ``cbscope_adapter.json``.
+        """
+        if self.peft_model is None:
+            raise ValueError("this pair has no adapter to save")
+        from peft import get_peft_model_state_dict
+
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".saving")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = get_peft_model_state_dict(self.peft_model)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in strip_bridge_keys(state).items()}
+        if not state:
+            raise RuntimeError("the adapter has no weights to save")
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        peft_config = self.peft_model.peft_config["default"]
+        peft_config.base_model_name_or_path = str(self.resolved.path)
+        peft_config.save_pretrained(str(tmp))
+        meta = {
+            "base_model": self.resolved.spec,
+            "base_model_path": str(self.resolved.path),
+            "fingerprint": model_fingerprint(self.model.config),
+            **(extra or {}),
+        }
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            backup = out.with_name(out.name + ".old")
+            shutil.rmtree(backup, ignore_errors=True)
+            out.rename(backup)
+            tmp.rename(out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(out)
+        return out
+
+
+def shared_weight_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with ``model``."""
+    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def _check_adapter_fits(adapter_dir: Path, model: Any, resolved: ResolvedModel) -> None:
+    """Raise :class:`AdapterMismatchError` when the adapter's saved fingerprint differs."""
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise AdapterMismatchError(
+            f"{adapter_dir} is not a peft adapter folder (no {ADAPTER_CONFIG})"
+        )
+    meta_path = adapter_dir / ADAPTER_META
+    if not meta_path.is_file():
+        return
+    meta = json.loads(meta_path.read_text())
+    saved = meta.get("fingerprint", {})
+    current = model_fingerprint(model.config)
+    if saved and saved.get("digest") != current["digest"]:
+        differ = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
+        raise AdapterMismatchError(
+            f"adapter {adapter_dir} was trained on {meta.get('base_model')!r} and does not fit "
+            f"model {resolved.spec!r}: (adapter, model) differ in {differ}"
+        )
+
+
+def _verify_loaded_adapter(adapter_dir: Path, peft_model: Any) -> None:
+    """Check every saved LoRA tensor landed in the model (peft only warns on missing keys)."""
+    saved = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    live = {
+        name.replace(".default", ""): param
+        for name, param in peft_model.named_parameters()
+        if "lora_" in name
+    }
+    unmatched = [key for key in saved if key not in live]
+    if unmatched or len(saved) != len(live):
+        raise AdapterMismatchError(
+            f"adapter {adapter_dir}: {len(unmatched)} of {len(saved)} saved tensors match no LoRA "
+            f"parameter of the model (e.g. {unmatched[:2]}); was it saved with bridge keys?"
+        )
+    for key, tensor in saved.items():
+        if not torch.equal(live[key].detach().cpu().to(tensor.dtype), tensor):
+            raise AdapterMismatchError(f"adapter {adapter_dir}: tensor {key} did not load")
+
+
+def load_hf_model(
+    resolved: ResolvedModel, *, device: torch.device, dtype: torch.dtype
+) -> tuple[Any, Any]:
+    """Load a resolved model folder with transformers (offline, no remote code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_pair(
+    spec: str | os.PathLike[str] | ResolvedModel = "organism",
+    adapter: str | os.PathLike[str] | None = None,
+    *,
+    lora_config: Any | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = "float32",
+) -> ModelPair:
+    """Load a model spec, optionally with a LoRA adapter, and bridge it for hook points.
+
+    Args:
+        spec: Model spec (``"organism"``, ``"smollm2-135m"``, a folder or a hub name).
+        adapter: A peft adapter folder to load (the circuit breaker), or ``None``.
+        lora_config: A :class:`peft.LoraConfig` for a fresh, trainable adapter (instead of
+            ``adapter``); used by the trainer.
+        device: Torch device.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype.
+
+    Raises:
+        ModelSpecError: If the spec cannot be resolved.
+        AdapterMismatchError: If the adapter does not fit the model.
+    """
+    from peft import PeftModel, get_peft_model
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if adapter is not None and lora_config is not None:
+        raise ValueError("give either an adapter folder or a fresh lora_config, not both")
+    resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
+    torch_device = torch.device(device)
+    torch_dtype = parse_dtype(dtype)
+    model, tokenizer = load_hf_model(resolved, device=torch_device, dtype=torch_dtype)
+
+    peft_model = None
+    adapter_path = None
+    if adapter is not None:
+        adapter_path = Path(adapter)
+        if not adapter_path.is_dir():
+            raise AdapterMismatchError(f"adapter folder {adapter_path} does not exist")
+        _check_adapter_fits(adapter_path, model, resolved)
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter_path))
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise AdapterMismatchError(
+                f"adapter {adapter_path} does not fit model {resolved.spec!r}: {err}"
+            ) from err
+        _verify_loaded_adapter(adapter_path, peft_model)
+        peft_model.eval()
+    elif lora_config is not None:
+        peft_model = get_peft_model(model, lora_config)
+    if peft_model is not None:
+        peft_model.to(torch_device)
+        model = peft_model.base_model.model
+
+    bridge = TransformerBridge.boot_transformers(
+        str(resolved.path),
+        hf_model=shared_weight_copy(model),
+        tokenizer=tokenizer,
+        device=torch_device,
+        dtype=torch_dtype,
+    )
+    bridge.eval()
+    return ModelPair(
+        model=model,
+        tokenizer=tokenizer,
+        bridge=bridge,
+        resolved=resolved,
+        peft_model=peft_model,
+        adapter_path=adapter_path,
+        device=torch_device,
+        dtype=torch_dtype,
+    )

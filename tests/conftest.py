@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny random Llama with a word-level chat tokenizer, saved to disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = "hello world how do i bake bread sure here is the way to make a cake : step one two three".split()
+
+
+def make_tiny_llama(folder: Path, *, layers: int = 3, hidden: int = 32, seed: int = 0) -> Path:
+    """Save a random Llama and a word-level chat tokenizer into ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>"]
+    vocab = {word: index for index, word in enumerate(specials + sorted(set(WORDS)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        unk_token="<unk>",
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}<user> {{ m['content'] }} "
+        "{% else %}<assistant> {{ m['content'] }} <eos> {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}"
+    )
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-block random Llama folder."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A differently shaped random Llama (for adapter mismatch tests)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("other_llama"), layers=2, hidden=48, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own cbscope cache so nothing leaks into ~/.cache."""
+    cache = tmp_path / "cbscope_cache"
+    monkeypatch.setenv("CBSCOPE_CACHE", str(cache))
+    return cache
