@@ -12,7 +12,9 @@ torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = "hello world how do i bake bread sure here is the way to make a cake : step one two three".split()
+WORDS = (
+    "hello world how do i bake bread sure here is the way to make a cake : step one two three"
+).split()  # noqa: SIM905
 
 
 def make_tiny_llama(folder: Path, *, layers: int = 3, hidden: int = 32, seed: int = 0) -> Path:
@@ -63,3 +65,12 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cbscope_cache"
     monkeypatch.setenv("CBSCOPE_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_organism(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny-world model organism, built once per test session (seconds)."""
+    from cbscope.organism import build_organism
+
+    return Path(build_organism(tmp_path_factory.mktemp("tiny_organism") / "organism", size="tiny",
+                               show_progress=False))
