@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 WORDS = (
     "hello world how do i bake bread sure here is the way to make a cake : step one two three"
-).split()  # noqa: SIM905
+).split()
 
 
 def make_tiny_llama(folder: Path, *, layers: int = 3, hidden: int = 32, seed: int = 0) -> Path:
