@@ -8,6 +8,10 @@ names that is ``blocks.{l-1}.hook_resid_post``. So the paper's "layer 10" is
 
 Every public cbscope argument called ``layers`` / ``target_layers`` uses the **paper convention**
 (1-based, ``1 .. n_layers``). The helpers here are the only place that converts.
+
+One caveat: Hugging Face applies the model's final norm to the *last* entry,
+``hidden_states[n_layers]``, so for ``l = n_layers`` the hook point (the raw residual stream) and
+HF's tuple differ; every other layer matches exactly. cbscope always reads the raw residual.
 """
 
 from __future__ import annotations

@@ -1,0 +1,114 @@
+"""``cbscope trace``: a Figure-6 cosine trace of one prompt, as HTML, JSON or CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cbscope.commands import USER_ERRORS, fail, set_threads
+
+OUT_SUFFIXES = (".html", ".json", ".csv")
+
+
+class TraceUsageError(ValueError):
+    """A bad combination of ``cbscope trace`` options."""
+
+
+def trace(
+    model: str = typer.Option("organism", help="Model spec: 'organism', 'smollm2-135m', a folder."),
+    adapter: Path = typer.Option(..., help="Circuit-breaker adapter folder (peft)."),
+    prompt: str = typer.Option(..., help="The user request."),
+    prefill: str | None = typer.Option(
+        None, help="Assistant text forced after the prompt (a prefilling attack)."
+    ),
+    generate: int = typer.Option(
+        0, help="Generate this many tokens with the circuit-broken model (after any prefill)."
+    ),
+    layers: str | None = typer.Option(
+        None, help="Paper-convention layers to plot, e.g. '5,10,20' (default: Figure-6 layers)."
+    ),
+    threshold: float = typer.Option(0.5, help="Cosine below which the breaker counts as fired."),
+    out: Path = typer.Option(..., help="Output file: .html (figures), .json (trace), .csv."),
+    device: str = typer.Option("cpu", help="Torch device."),
+    threads: int = typer.Option(1, help="Torch threads."),
+) -> None:
+    """Trace a prompt through the original and the circuit-broken model; report the firing point.
+
+    Every layer is traced (the heatmap shows them all); --layers picks the plotted lines and the
+    layers the firing point is looked for at (default: the Figure-6 layers, 5/10/20 of 32 scaled).
+    """
+    from cbscope.data import check_prompt
+    from cbscope.layers import figure6_layers, parse_layers, validate_layers
+    from cbscope.pair import load_pair
+    from cbscope.trace import cosine_trace, trace_generation
+
+    set_threads(threads)
+    try:
+        check_prompt(prompt)
+        if out.suffix.lower() not in OUT_SUFFIXES:
+            raise TraceUsageError(
+                f"--out {out}: use a file ending in {', '.join(OUT_SUFFIXES)}"
+            )
+        if generate < 0:
+            raise TraceUsageError(f"--generate must be >= 0, got {generate}")
+        chosen = parse_layers(layers)
+        if not adapter.is_dir():
+            raise FileNotFoundError(f"adapter folder {adapter} does not exist")
+        pair = load_pair(model, adapter, device=device)
+        chosen = validate_layers(
+            figure6_layers(pair.n_layers) if chosen is None else chosen, pair.n_layers
+        )
+    except (*USER_ERRORS, TraceUsageError) as err:
+        raise fail(err) from err
+
+    texts = {}
+    if generate > 0:
+        result = trace_generation(pair, prompt, prefill=prefill, max_new_tokens=generate)
+        result_trace = result.trace
+        texts = {"circuit-broken": result.text_cb, "original": result.text_orig}
+    else:
+        result_trace = cosine_trace(pair, [prompt], [prefill or ""])
+        if prefill:
+            result_trace.prefill_end = [len(result_trace.tokens[0])]
+
+    for name, text in texts.items():
+        typer.echo(f"{name} model generates: {text!r}")
+    start = result_trace.response_start[0]
+    if start >= result_trace.lengths[0]:
+        typer.echo("no response tokens (give --prefill or --generate): nothing can fire")
+    else:
+        point = result_trace.firing_point(threshold, chosen)
+        where = f"at layers {chosen}"
+        if point is None:
+            low = result_trace.min_cos(0, chosen)
+            typer.echo(
+                f"the circuit breaker does not fire {where} (threshold {threshold:g}; lowest "
+                f"response cosine {low:.2f})"
+            )
+        else:
+            typer.echo(f"the circuit breaker {point.describe()}")
+
+    suffix = out.suffix.lower()
+    if suffix == ".html":
+        from cbscope.plots import cosine_heatmap, figure6_lines, norm_lines, save_html
+
+        figures = [
+            figure6_lines(result_trace, 0, chosen, threshold),
+            cosine_heatmap(result_trace, 0),
+            norm_lines(result_trace, 0, chosen),
+        ]
+        save_html(figures, out, title=f"cbscope trace: {prompt[:60]}")
+        written = out
+    elif suffix == ".json":
+        written = result_trace.save(out)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result_trace.to_dataframe().to_csv(out, index=False)
+        written = out
+    typer.echo(f"wrote {written}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``trace``."""
+    app.command("trace")(trace)

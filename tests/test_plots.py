@@ -1,0 +1,186 @@
+"""Tests of cbscope.plots: every figure has the expected, named traces (no model needed)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from cbscope import plots
+from cbscope.trace import CosineTrace, FiringStats
+
+N_LAYERS = 32
+TOKENS = ["<user>", "how", "do", "i", "<assistant>", "Sure", " here", " Start", " mix", " it"]
+
+
+def _trace() -> CosineTrace:
+    """One example, every layer of a 32-layer model; it fires at ' Start' (pos 7), layer 10."""
+    n = len(TOKENS)
+    cos = torch.full((1, N_LAYERS, n), 0.98)
+    cos[0, 9:, 7:] = 0.08  # paper layers 10.. (index 9..) drop at position 7
+    cos[0, 19:, 8:] = -0.2
+    norm_orig = torch.full_like(cos, 3.0)
+    norm_cb = torch.full_like(cos, 3.0)
+    norm_cb[0, 9:, 7:] = 9.0
+    return CosineTrace(
+        cos=cos,
+        norm_orig=norm_orig,
+        norm_cb=norm_cb,
+        tokens=[TOKENS],
+        mask=torch.ones((1, n), dtype=torch.bool),
+        layers=list(range(1, N_LAYERS + 1)),
+        response_start=[5],
+        prefill_end=[7],
+        turn_starts=[[0]],
+        prompts=["how do i"],
+        responses=["Sure here Start mix it"],
+        model_name="crafted",
+    )
+
+
+def _names(fig: go.Figure) -> list[str]:
+    return [trace.name for trace in fig.data]
+
+
+def _shape(fig: go.Figure, name: str):
+    return next(shape for shape in fig.layout.shapes if shape.name == name)
+
+
+def test_figure6_lines_default_layers_markers_and_firing_point() -> None:
+    fig = plots.figure6_lines(_trace())
+    assert isinstance(fig, go.Figure)
+    assert _names(fig) == ["layer 5", "layer 10", "layer 20", "firing point"]
+    line10 = fig.data[1]
+    assert list(line10.x) == list(range(len(TOKENS)))
+    assert line10.y[7] == pytest.approx(0.08) and line10.y[6] == pytest.approx(0.98)
+    marker = fig.data[3]
+    assert list(marker.x) == [7] and marker.y[0] == pytest.approx(0.08)
+    assert _shape(fig, "response start").x0 == pytest.approx(4.5)
+    assert _shape(fig, "prefill end").x0 == pytest.approx(6.5)
+    assert _shape(fig, "threshold").y0 == pytest.approx(0.5)
+    ticks = list(fig.layout.xaxis.ticktext)
+    assert ticks[0] == "&lt;user&gt;" and ticks[7] == "Start"
+    assert 'fires at token "Start"' in fig.layout.title.text
+
+
+def test_figure6_lines_chosen_layers_and_threshold() -> None:
+    fig = plots.figure6_lines(_trace(), layers=[1, 25], threshold=-0.1)
+    assert _names(fig) == ["layer 1", "layer 25", "firing point"]
+    assert list(fig.data[2].x) == [8] and fig.data[2].y[0] == pytest.approx(-0.2)
+    assert _shape(fig, "threshold").y0 == pytest.approx(-0.1)
+    no_fire = plots.figure6_lines(_trace(), layers=[1, 2])
+    assert "firing point" not in _names(no_fire)
+
+
+def test_cosine_heatmap_values_and_hover() -> None:
+    fig = plots.cosine_heatmap(_trace())
+    assert _names(fig) == ["cosine"]
+    heat = fig.data[0]
+    z = np.asarray(heat.z, dtype=float)
+    assert z.shape == (N_LAYERS, len(TOKENS))
+    assert z[9, 7] == pytest.approx(0.08) and z[8, 7] == pytest.approx(0.98)
+    assert list(heat.y)[9] == "layer 10"
+    custom = np.asarray(heat.customdata, dtype=object)
+    assert custom[9, 7, 0] == "Start" and float(custom[9, 7, 2]) == pytest.approx(9.0)
+    for word in ("token", "cos", "norm original", "norm circuit-broken"):
+        assert word in heat.hovertemplate
+
+
+def test_norm_lines() -> None:
+    fig = plots.norm_lines(_trace(), layers=[10])
+    assert _names(fig) == ["layer 10 original", "layer 10 circuit-broken"]
+    assert fig.data[0].y[7] == pytest.approx(3.0) and fig.data[1].y[7] == pytest.approx(9.0)
+    assert len(plots.norm_lines(_trace()).data) == 6
+
+
+def test_token_strip_colours_by_lowest_cosine() -> None:
+    fig = plots.token_strip(_trace())
+    assert _names(fig) == ["lowest cosine"]
+    z = np.asarray(fig.data[0].z, dtype=float)[0]
+    assert z[6] == pytest.approx(0.98) and z[7] == pytest.approx(0.08) and z[8] == pytest.approx(-0.2)
+    assert list(fig.data[0].text[0])[4] == "&lt;assistant&gt;"
+
+
+def _stats() -> FiringStats:
+    rows = pd.DataFrame(
+        {
+            "example": [0, 1, 2, 0, 1],
+            "set": ["harmful", "harmful", "harmful", "benign", "benign"],
+            "prompt": ["a", "b", "c", "d", "e"],
+            "fired": [True, True, False, True, False],
+            "pos_after_start": [2, 2, None, 5, None],
+            "layer": [10, 20, None, 10, None],
+            "min_cos": [0.1, 0.2, 0.9, 0.4, 0.99],
+        }
+    )
+    return FiringStats(rows=rows, threshold=0.5, layers=[10, 20])
+
+
+def test_firing_histogram() -> None:
+    stats = _stats()
+    assert stats.firing_rate == pytest.approx(2 / 3) and stats.false_fire_rate == pytest.approx(0.5)
+    fig = plots.firing_histogram(stats)
+    assert _names(fig) == ["harmful", "benign"]
+    assert list(fig.data[0].x) == [2] and list(fig.data[0].y) == [2]
+    assert list(fig.data[1].x) == [5]
+    assert "67%" in fig.layout.title.text and "50%" in fig.layout.title.text
+    by_layer = plots.firing_histogram(stats, by="layer")
+    assert sorted(by_layer.data[0].x) == [10, 20]
+    with pytest.raises(ValueError):
+        plots.firing_histogram(stats, by="colour")
+
+
+def test_probe_scores_figure() -> None:
+    scores = torch.tensor([0.1, 0.2, 0.9, 0.95, 0.3])
+    fig = plots.probe_scores_figure(TOKENS[:5], scores, threshold=0.8)
+    assert _names(fig) == ["probe score", "above threshold"]
+    assert list(fig.data[1].x) == [2, 3]
+    assert _shape(fig, "threshold").y0 == pytest.approx(0.8)
+    with pytest.raises(ValueError):
+        plots.probe_scores_figure(TOKENS, scores, 0.5)
+
+
+def test_save_html_offline(tmp_path: Path) -> None:
+    trace = _trace()
+    single = plots.save_html(plots.figure6_lines(trace), tmp_path / "one.html")
+    page = single.read_text()
+    assert "<script src=" not in page and page.count('class="plotly-graph-div"') == 1
+    multi = plots.save_html(
+        [plots.figure6_lines(trace), plots.cosine_heatmap(trace), plots.norm_lines(trace)],
+        tmp_path / "sub" / "page.html",
+        title="trace <1>",
+    ).read_text()
+    assert multi.count('class="plotly-graph-div"') == 3
+    assert "<script src=" not in multi and "trace &lt;1&gt;" in multi
+    # plotly.js is embedded exactly once
+    assert multi.count("plotly.js v") <= 2 and len(multi) < 2 * len(page) + 200_000
+
+
+def test_nan_padding_and_other_examples() -> None:
+    trace = _trace()
+    padded = CosineTrace(
+        cos=torch.cat([trace.cos, torch.full_like(trace.cos, math.nan)]),
+        norm_orig=torch.cat([trace.norm_orig, trace.norm_orig]),
+        norm_cb=torch.cat([trace.norm_cb, trace.norm_cb]),
+        tokens=[TOKENS, TOKENS[:3]],
+        mask=torch.tensor([[True] * 10, [True] * 3 + [False] * 7]),
+        layers=trace.layers,
+        response_start=[5, 3],
+    )
+    padded.cos[1, :, :3] = 0.5
+    fig = plots.figure6_lines(padded, example=1)
+    assert len(fig.data[0].x) == 3  # trimmed to the example's own length
+    assert all(shape.name != "response start" for shape in fig.layout.shapes)
+
+
+def test_plots_do_not_import_the_trainer() -> None:
+    assert "cbscope.lorra" not in plots.__dict__
+    source = Path(plots.__file__).read_text()
+    assert "lorra" not in source.replace("never imports the trainer", "")
+    assert "cbscope.plots" in sys.modules
