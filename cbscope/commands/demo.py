@@ -1,24 +1,111 @@
-"""``cbscope demo``: the README's main job on the built-in default (the model organism)."""
+"""``cbscope demo``: the README's main job on the built-in default (the model organism).
+
+On a fresh machine it loads (or builds, once) the model organism and its circuit breaker (the
+shipped one, else one trained once into ``cache_dir()/breakers/organism``), prints the
+organism's behaviour table and opens the dashboard on "Where does it fire?" with them.
+``--no-app`` only prints the behaviour table.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from cbscope.commands import set_threads
+from cbscope.commands import USER_ERRORS, fail, set_threads
+
+if TYPE_CHECKING:
+    from cbscope.organism import World
+
+logger = logging.getLogger(__name__)
+
+ORGANISM_BREAKER_NAME = "organism"
 
 
-def demo(threads: int = typer.Option(1, help="Torch threads.")) -> None:
-    """Load (or build) the model organism and print its behaviour table."""
+def shipped_organism_breaker() -> Path:
+    """The organism's breaker shipped in the package (``cbscope/assets/organism-breaker``)."""
+    return Path(__file__).resolve().parents[1] / "assets" / "organism-breaker"
+
+
+def is_adapter(path: Path) -> bool:
+    """True when ``path`` is a peft adapter folder."""
+    from cbscope.pair import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    return (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file()
+
+
+def organism_breaker(*, train_if_missing: bool = True, show_progress: bool = True) -> Path:
+    """The organism's breaker: shipped, else in the cache, else trained once into the cache.
+
+    Raises:
+        FileNotFoundError: When there is none and ``train_if_missing`` is False.
+    """
+    from cbscope.models import cache_dir
+
+    shipped = shipped_organism_breaker()
+    if is_adapter(shipped):
+        return shipped
+    cached = cache_dir() / "breakers" / ORGANISM_BREAKER_NAME
+    if is_adapter(cached):
+        return cached
+    if not train_if_missing:
+        raise FileNotFoundError(f"no organism breaker at {shipped} or {cached}")
+    from cbscope.lorra import get_preset, train_circuit_breaker
+
+    preset = get_preset("organism")
+    typer.echo(f"training the organism's circuit breaker into {cached} (about a minute, once)")
+    result = train_circuit_breaker(
+        preset.model, preset.config, preset.build_data(_organism_world()), out_dir=cached,
+        show_progress=show_progress,
+    )
+    final = result.final
+    typer.echo(f"breaker trained: cb_cos {final.get('cb_cos', float('nan')):.3f}, "
+               f"retain_cos {final.get('retain_cos', float('nan')):.3f}")
+    return cached
+
+
+def _organism_world() -> World:
+    from cbscope.models import organism_dir
+    from cbscope.organism import World
+
+    return World.from_json(organism_dir() / "world.json")
+
+
+def demo(
+    no_app: bool = typer.Option(False, "--no-app", help="Only print the behaviour table."),
+    port: int = typer.Option(8501, help="Port of the dashboard."),
+    host: str = typer.Option("127.0.0.1", help="Address the dashboard binds (this machine only)."),
+    browser: bool | None = typer.Option(
+        None, "--browser/--no-browser", help="Open a browser tab (default: when there is a display)."
+    ),
+    threads: int = typer.Option(1, help="Torch threads."),
+) -> None:
+    """Load (or build) the model organism and its breaker, then open the dashboard on them."""
     from cbscope.models import organism_dir
     from cbscope.organism import format_behaviour_table
 
     set_threads(threads)
-    folder = organism_dir()
-    behaviour = json.loads((folder / "behaviour.json").read_text())
+    try:
+        folder = organism_dir()
+        behaviour = json.loads((folder / "behaviour.json").read_text())
+    except USER_ERRORS as err:
+        raise fail(err) from err
     typer.echo(f"model organism: {folder}")
     typer.echo(format_behaviour_table(behaviour))
+    if no_app:
+        return
+    from cbscope.commands.app import launch
+
+    try:
+        breaker = organism_breaker()
+        typer.echo(f"circuit breaker: {breaker}")
+        code = launch(port=port, host=host, model="organism", adapter=breaker, browser=browser)
+    except (*USER_ERRORS, OSError) as err:
+        raise fail(err) from err
+    raise typer.Exit(code=code)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,47 @@
+"""cbscope dashboard: run with ``cbscope app`` (or ``streamlit run app/cbscope_app.py``).
+
+Views: "Where does it fire?" (one request, Figure 6), "Dataset" (firing statistics), "Train"
+(a LoRRA run with live curves) and "Probe" (a harmfulness probe beside the trace). The model
+pair comes from the sidebar, the URL (``?model=...&adapter=...``) or the environment
+(``CBSCOPE_APP_MODEL``, ``CBSCOPE_APP_ADAPTER``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `import app.*` wherever Streamlit was started from
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from app import state  # noqa: E402
+from app.views import dataset, probe, train, where  # noqa: E402
+
+RENDERERS = {"where": where.render, "dataset": dataset.render, "train": train.render,
+             "probe": probe.render}
+
+
+def main() -> None:
+    """One run of the script."""
+    st.set_page_config(page_title="cbscope", page_icon="⚡", layout="wide")
+    state.apply_pending()
+    try:
+        sel = state.sidebar()
+    except Exception as err:  # noqa: BLE001 - a sentence in the page, never a trace
+        state.show_error(err, "the sidebar failed")
+        return
+    if sel.error and sel.view != "train":
+        st.error(sel.error)
+    try:
+        RENDERERS[sel.view](sel)
+    except Exception as err:  # noqa: BLE001
+        state.show_error(err, state.VIEWS[sel.view])
+
+
+main()

@@ -1,0 +1,404 @@
+"""What the dashboard computes, without Streamlit: request checks, traces, figures, data sets.
+
+Everything the views show is built here from cbscope's public API, so the benchmark
+(``benchmarks/bench_app.py``) and the tests time and check exactly the app's path, and the
+Streamlit layer (:mod:`app.state`, :mod:`app.views`) only adds caching, widgets and messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from cbscope import plots
+from cbscope.data import (
+    ChatExample,
+    DatasetError,
+    PromptError,
+    check_prompt,
+    encode_chat,
+    from_records,
+    load_examples,
+)
+from cbscope.trace import CosineTrace, FiringPoint, GenerationTrace, trace_generation
+
+logger = logging.getLogger(__name__)
+
+APP_MAX_PROMPT_CHARS = 2000
+"""Longest prompt (and prefill) the app accepts, in characters."""
+APP_MAX_TOKENS = 512
+"""Longest sequence (request + prefill + generation) the app traces, in tokens."""
+MAX_GEN_TOKENS = 128
+"""Most tokens the app generates after the prefill."""
+MAX_DATASET_EXAMPLES = 256
+"""Most examples per set the Dataset view traces."""
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_ENV = "CBSCOPE_DATA"
+
+UPLOAD_SOURCE = "upload"
+NO_SOURCE = "none"
+
+
+# ---------------------------------------------------------------------- requests and traces
+def token_limit(pair: Any) -> int:
+    """Longest sequence the app traces on this model: its context, capped at ``APP_MAX_TOKENS``."""
+    context = getattr(pair.model.config, "max_position_embeddings", None) or APP_MAX_TOKENS
+    return int(min(context, APP_MAX_TOKENS))
+
+
+def check_request(pair: Any, prompt: str, prefill: str, gen_tokens: int) -> int:
+    """Reject an empty or over-long request with a sentence that says what to do.
+
+    Returns:
+        The number of tokens of the chat-formatted prompt plus prefill.
+
+    Raises:
+        PromptError: Empty prompt, too many characters, or too many tokens for the model.
+    """
+    check_prompt(prompt, max_chars=APP_MAX_PROMPT_CHARS)
+    if len(prefill) > APP_MAX_PROMPT_CHARS:
+        raise PromptError(
+            f"the prefill has {len(prefill)} characters; the limit is {APP_MAX_PROMPT_CHARS}: "
+            "shorten it"
+        )
+    if not 0 <= gen_tokens <= MAX_GEN_TOKENS:
+        raise PromptError(f"generate between 0 and {MAX_GEN_TOKENS} tokens, not {gen_tokens}")
+    n_tokens = len(encode_chat(pair.tokenizer, prompt, prefill).input_ids)
+    limit = token_limit(pair)
+    if n_tokens + gen_tokens > limit:
+        raise PromptError(
+            f"the prompt and prefill are {n_tokens} tokens and {gen_tokens} more are generated; "
+            f"the limit for this model is {limit} tokens: shorten the prompt or the prefill, "
+            "or generate fewer tokens"
+        )
+    return n_tokens
+
+
+def trace_request(pair: Any, prompt: str, prefill: str = "", gen_tokens: int = 16) -> GenerationTrace:
+    """The Figure-6 recipe on one request: generate with the breaker on, trace every layer.
+
+    All layers are traced (the heatmap shows them all; the sidebar's layers only choose lines),
+    so changing the plotted layers never recomputes the trace.
+    """
+    return trace_generation(pair, prompt, prefill=prefill or None, max_new_tokens=int(gen_tokens))
+
+
+@dataclass
+class WhereFigures:
+    """The figures and the firing point of the "Where does it fire?" view."""
+
+    lines: go.Figure
+    heatmap: go.Figure
+    norms: go.Figure
+    strip: go.Figure
+    point: FiringPoint | None
+    layers: list[int]
+
+
+def plot_layers(trace: CosineTrace, layers: Sequence[int] | None) -> list[int]:
+    """The sidebar's layers that were traced (all traced layers when none are chosen)."""
+    if not layers:
+        return list(trace.layers)
+    chosen = [layer for layer in layers if layer in trace.layers]
+    return chosen or list(trace.layers)
+
+
+def where_figures(trace: CosineTrace, layers: Sequence[int] | None, threshold: float) -> WhereFigures:
+    """Figure-6 lines at ``layers``, the layer x token heatmap, norms and the token strip."""
+    chosen = plot_layers(trace, layers)
+    return WhereFigures(
+        lines=plots.figure6_lines(trace, 0, chosen, threshold),
+        heatmap=plots.cosine_heatmap(trace, 0),
+        norms=plots.norm_lines(trace, 0, chosen),
+        strip=plots.token_strip(trace, 0),
+        point=trace.firing_point(threshold, chosen, 0),
+        layers=chosen,
+    )
+
+
+def no_fire_sentence(trace: CosineTrace, layers: Sequence[int], threshold: float) -> str:
+    """Why there is no firing point, with the lowest response cosine when there is a response."""
+    chosen = plot_layers(trace, layers)
+    start, length = trace.response_start[0], trace.lengths[0]
+    if start >= length:
+        return (
+            "there is no response to fire on: add a prefill or generate some tokens, "
+            "then press Trace"
+        )
+    index = trace.layer_indices(chosen)
+    values = trace.cos[0, index, start:length]
+    flat = int(torch.argmin(torch.nan_to_num(values, nan=2.0)))
+    row, col = divmod(flat, values.shape[1])
+    lowest = float(values[row, col])
+    return (
+        f"does not fire at threshold {threshold:g} on layers {', '.join(map(str, chosen))}: "
+        f"the lowest response cosine is {lowest:.2f} (layer {chosen[row]}, "
+        f'token "{trace.tokens[0][start + col].strip()}", position {start + col})'
+    )
+
+
+# ---------------------------------------------------------------------- probe
+@torch.no_grad()
+def probe_scores(pair: Any, probe: Any, trace: CosineTrace) -> torch.Tensor:
+    """The probe's score for every token of a traced sequence (positions match the trace).
+
+    Scores the trace's own token ids (not a re-tokenisation of its text), so a generated
+    sequence lines up token for token with its cosine trace.
+    """
+    ids = torch.tensor([trace.token_ids[0]], dtype=torch.long)
+    mask = torch.ones_like(ids)
+    context = contextlib.nullcontext() if probe.adapters else pair.original()
+    with context:
+        resid = pair.resid(ids, mask, [probe.layer])[0, 0].float().cpu()
+    return probe.score_features(resid)
+
+
+def first_flag(scores: torch.Tensor, threshold: float, start: int) -> int | None:
+    """First response position whose probe score is above ``threshold`` (None if none)."""
+    above = (scores[start:] > threshold).nonzero()
+    return start + int(above[0, 0]) if len(above) else None
+
+
+# ---------------------------------------------------------------------- training curves
+def training_curves(rows: Sequence[dict[str, Any]], total_steps: int | None = None) -> go.Figure:
+    """Live LoRRA curves: the losses (left) and the cosines (right) per step."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "cosine (original vs adapted)"))
+    steps = [row["step"] for row in rows]
+    for name, color in (("loss", "#000000"), ("cb_loss", "#d62728"), ("retain_loss", "#1f77b4")):
+        fig.add_trace(
+            go.Scatter(x=steps, y=[row.get(name) for row in rows], name=name, mode="lines",
+                       line={"color": color}),
+            row=1, col=1,
+        )
+    for name, color in (("cb_cos", "#d62728"), ("retain_cos", "#1f77b4")):
+        fig.add_trace(
+            go.Scatter(x=steps, y=[row.get(name) for row in rows], name=name, mode="lines",
+                       line={"color": color}),
+            row=1, col=2,
+        )
+    val = [(row["step"], row["val_cos"]) for row in rows if row.get("val_cos") is not None]
+    if val:
+        fig.add_trace(
+            go.Scatter(x=[s for s, _ in val], y=[v for _, v in val], name="val_cos",
+                       mode="lines+markers", line={"color": "#ff7f0e", "dash": "dot"}),
+            row=1, col=2,
+        )
+    if total_steps:
+        fig.update_xaxes(range=[0, total_steps], title_text="step")
+    fig.update_yaxes(range=[-1.05, 1.05], row=1, col=2)
+    fig.update_layout(height=360, legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+# ---------------------------------------------------------------------- data sets
+def data_dir() -> Path:
+    """Public evaluation data: ``$CBSCOPE_DATA``, else ``../shared/data`` beside the repository."""
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
+
+
+FILE_SOURCES: dict[str, tuple[str, str, dict[str, str]]] = {
+    # id: (label, relative path, meta filter)
+    "advbench": ("AdvBench harmful behaviours (target as response)",
+                 "advbench/harmful_behaviors.csv", {}),
+    "harmbench": ("HarmBench validation behaviours", "harmbench/harmbench_behaviors_text_val.csv", {}),
+    "xstest_unsafe": ("XSTest unsafe prompts", "xstest/xstest_prompts.csv", {"label": "unsafe"}),
+    "xstest_safe": ("XSTest safe look-alikes", "xstest/xstest_prompts.csv", {"label": "safe"}),
+}
+
+
+@dataclass
+class Source:
+    """A data set the Dataset view can trace."""
+
+    id: str
+    label: str
+    kind: str  # "harmful", "benign" or "any"
+    path: Path | None = None
+    note: str = ""
+
+
+def world_path(model_path: Path | None) -> Path | None:
+    """``world.json`` beside an organism's weights (None for other models)."""
+    if model_path is None:
+        return None
+    path = Path(model_path) / "world.json"
+    return path if path.is_file() else None
+
+
+def sources(model_path: Path | None) -> tuple[list[Source], list[str]]:
+    """Data sets available for this model, and sentences about the ones that are not."""
+    found: list[Source] = []
+    notes: list[str] = []
+    world_file = world_path(model_path)
+    if world_file is not None:
+        from cbscope.organism import World
+
+        world = World.from_json(world_file)
+        for category in world.harm_categories:
+            found.append(Source(f"organism:harmful:{category}",
+                                f"organism: harmful, category {category} (circuit-breaker set)",
+                                "harmful", world_file))
+        found.append(Source("organism:harmful:jailbreak",
+                            "organism: harmful, every category, jailbreak templates", "harmful",
+                            world_file))
+        found.append(Source("organism:lookalike:heldout", "organism: benign look-alikes (held out)",
+                            "benign", world_file))
+        found.append(Source("organism:lookalike:train", "organism: benign look-alikes (trained)",
+                            "benign", world_file))
+        found.append(Source("organism:benign:seen", "organism: benign requests", "benign",
+                            world_file))
+    else:
+        notes.append("the organism's splits are offered when the model is an organism "
+                     "(a folder with world.json)")
+    root = data_dir()
+    for source_id, (label, rel, _) in FILE_SOURCES.items():
+        path = root / rel
+        if path.is_file():
+            kind = "benign" if source_id == "xstest_safe" else "harmful"
+            found.append(Source(source_id, label, kind, path))
+    if not any(s.id in FILE_SOURCES for s in found):
+        notes.append(f"no AdvBench/XSTest files under {root} (set ${DATA_ENV} to the folder "
+                     "that holds advbench/ and xstest/)")
+    found.append(Source(UPLOAD_SOURCE, "upload a CSV or JSONL file…", "any"))
+    return found, notes
+
+
+def load_source(source_id: str, path: Path | None) -> list[ChatExample]:
+    """The examples of a built-in source (organism split or public data file)."""
+    if source_id.startswith("organism:"):
+        from cbscope.organism import World
+
+        if path is None:
+            raise DatasetError("the organism's splits need its world.json")
+        world = World.from_json(path)
+        _, kind, which = source_id.split(":", 2)
+        if kind == "harmful":
+            rows = (world.harmful_examples(None, "jailbreak") if which == "jailbreak"
+                    else world.harmful_examples([which], "train"))
+        elif kind == "lookalike":
+            rows = world.lookalike_examples(which, "train")
+        elif kind == "benign":
+            rows = world.benign_examples(which, "train")
+        else:
+            raise DatasetError(f"unknown organism split {source_id!r}")
+        return from_records(rows)
+    if source_id not in FILE_SOURCES or path is None:
+        raise DatasetError(f"unknown data set {source_id!r}")
+    examples = load_examples(path)
+    _, _, keep = FILE_SOURCES[source_id]
+    examples = [ex for ex in examples if all(ex.meta.get(k) == v for k, v in keep.items())]
+    for ex in examples:  # AdvBench's target is the usual prefill ("Sure, here is ...")
+        if not ex.response and isinstance(ex.meta.get("target"), str):
+            ex.response = ex.meta["target"]
+    return examples
+
+
+def load_upload(name: str, content: bytes) -> list[ChatExample]:
+    """Examples from an uploaded ``.csv``/``.jsonl`` (``cbscope.data.load_examples`` rules).
+
+    Raises:
+        DatasetError: Unknown suffix, undecodable text or a malformed file (line and field named).
+    """
+    suffix = Path(name).suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise DatasetError(f"{name}: unknown dataset format {suffix or '(none)'!r}; "
+                           "upload a .jsonl or .csv file")
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{name}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name).name) or "upload" + suffix
+    with tempfile.TemporaryDirectory(prefix="cbscope-upload-") as tmp:
+        path = Path(tmp) / safe
+        path.write_bytes(content)
+        try:
+            examples = load_examples(path)
+        except DatasetError as err:
+            raise DatasetError(str(err).replace(str(path), name)) from err
+        except (ValueError, KeyError, TypeError) as err:  # csv/json oddities -> one sentence
+            raise DatasetError(f"{name}: cannot read it as a data set ({err})") from err
+    for ex in examples:
+        if not ex.response and isinstance(ex.meta.get("target"), str):
+            ex.response = ex.meta["target"]
+    return examples
+
+
+Record = tuple[str, str]
+
+
+def as_records(examples: Sequence[ChatExample], limit: int) -> list[Record]:
+    """``(prompt, response)`` of the first ``limit`` examples (multi-turn: the JSON messages)."""
+    records = []
+    for ex in examples[:limit]:
+        prompt = ex.prompt if len(ex.messages) == 1 else json.dumps(ex.messages)
+        records.append((prompt, ex.response or ""))
+    return records
+
+
+def record_prompt(prompt: str) -> Any:
+    """A record's prompt back as a string or a conversation."""
+    if prompt.startswith("[{"):
+        try:
+            messages = json.loads(prompt)
+            if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+                return messages
+        except json.JSONDecodeError:
+            pass
+    return prompt
+
+
+def last_user_turn(prompt: Any) -> str:
+    """The text of the last user turn of a prompt string or conversation."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else str(prompt[-1]["content"])
+
+
+def digest(*parts: Any) -> str:
+    """Short stable hash of JSON-able parts (cache keys, widget keys)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class ProbeData:
+    """Harmful and benign examples (with responses) to train a probe on."""
+
+    harmful: list[Record] = field(default_factory=list)
+    benign: list[Record] = field(default_factory=list)
+    note: str = ""
+
+
+def organism_probe_data(world_file: Path) -> ProbeData:
+    """The organism's probe data: every harmful topic (compliant answers) vs benign + look-alikes."""
+    from cbscope.organism import World
+
+    world = World.from_json(world_file)
+    harmful = from_records(world.harmful_examples(None, "train"))
+    benign = from_records(world.benign_examples("seen", "train") + world.lookalike_examples("train", "train"))
+    return ProbeData(as_records(harmful, 10_000), as_records(benign, 10_000),
+                     "the organism's harmful topics (compliant answers) vs its benign requests "
+                     "and trained look-alikes")
+
+
+def fmt_rate(value: float | None) -> str:
+    """A rate as a percentage ("n/a" for None/NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:.0f}%"

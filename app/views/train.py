@@ -1,0 +1,183 @@
+"""View "Train": a LoRRA run with live loss and cosine curves; the breaker joins the sidebar."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from app import compute, state
+from cbscope.data import DatasetError
+from cbscope.layers import LayerError, parse_layers
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CHART_EVERY_S = 0.5
+
+
+def _plan(sel: state.Selection) -> tuple[str, Any, str]:
+    """(data kind, base config, description) for the chosen model."""
+    from cbscope.lorra import LorraConfig, get_preset
+
+    if compute.world_path(sel.model_path) is not None:
+        preset = get_preset("organism")
+        return "organism", preset.config, (
+            "the organism preset: its harmful topics (one category held out) with compliant "
+            "answers are rerouted; benign chat, refusals and look-alikes are retained")
+    if state.normal_spec(sel.model) == state.SMOLLM2:
+        preset = get_preset("smollm2")
+        return "smollm2", preset.config, (
+            "the smollm2 preset: AdvBench prompts (answered by the base model) are rerouted, "
+            "Alpaca and XSTest-safe answers retained; on a CPU this takes tens of minutes "
+            "(the answers are generated first and cached)")
+    return "upload", LorraConfig(steps=60, batch_size=4, max_length=256), (
+        "your data: a JSONL file of harmful requests with harmful responses (rerouted) and a "
+        "JSONL file of requests with responses to retain (an optional 'source' field: benign, "
+        "refusal or lookalike)")
+
+
+def _upload(label: str, key: str) -> Any:
+    uploaded = st.file_uploader(label, key=key)
+    if uploaded is None:
+        return None
+    try:
+        return compute.load_upload(uploaded.name, uploaded.getvalue())
+    except DatasetError as err:
+        st.error(state.sentence(f"cannot use {uploaded.name}: {err}"))
+        return None
+
+
+def _data(kind: str, pair: Any, sel: state.Selection, cb: Any, retain: Any) -> Any:
+    from cbscope.lorra import LorraData, get_preset
+
+    if kind == "organism":
+        from cbscope.organism import World
+
+        world = World.from_json(compute.world_path(sel.model_path))
+        return get_preset("organism").build_data(world)
+    if kind == "smollm2":
+        return get_preset("smollm2").build_data(pair, show_progress=False)
+    retain_sets: dict[str, list[Any]] = {}
+    for ex in retain:
+        retain_sets.setdefault(str(ex.meta.get("source", "benign")), []).append(ex)
+    return LorraData(cb=list(cb), retain=retain_sets)
+
+
+def _show_last() -> None:
+    last = st.session_state.get("train_last")
+    if not last:
+        return
+    st.plotly_chart(compute.training_curves(last["rows"], last["steps"]), key="train_curve_last")
+    final = last["final"]
+    st.success(
+        f"Saved the breaker to {last['path']} ({last['steps']} steps, {last['seconds']:.0f} s): "
+        f"cb_cos {final.get('cb_cos', float('nan')):.3f}, retain_cos "
+        f"{final.get('retain_cos', float('nan')):.3f}. It is now in the sidebar's breaker list."
+    )
+    if st.button("Use this breaker and open “Where does it fire?”", key="train_use"):
+        state.navigate("where", adapter_choice=last["path"])
+
+
+def render(sel: state.Selection) -> None:
+    """Draw the view."""
+    st.header("Train a circuit breaker")
+    st.caption(
+        "Representation Rerouting (LoRRA): a LoRA adapter is trained so that, at the target "
+        "layers, harmful inputs' representations turn orthogonal to the frozen model's while "
+        "the retain set's stay put. Watch cb_cos fall towards 0 and retain_cos stay near 1."
+    )
+    if not sel.model:
+        st.error("No model chosen: pick one in the sidebar.")
+        return
+    if sel.model_path is None and state.normal_spec(sel.model) != state.SMOLLM2:
+        st.error(sel.error or "The model is not available: choose another one in the sidebar.")
+        return
+    kind, base, description = _plan(sel)
+    st.markdown(f"**Model:** {sel.model} — **data:** {description}.")
+    cb = retain = None
+    if kind == "upload":
+        cb = _upload("Circuit-breaker set (JSONL: prompt, response)", "train_cb")
+        retain = _upload("Retain set (JSONL: prompt, response, optional source)", "train_retain")
+    col1, col2, col3 = st.columns(3)
+    default_name = f"{Path(state.normal_spec(sel.model)).name}-rr"
+    name = col1.text_input("Name (saved under the cache's breakers/)", default_name,
+                           key="train_name").strip()
+    steps = int(col2.number_input("Steps", 1, 2000, int(base.steps), key="train_steps"))
+    lr = float(col3.number_input("Learning rate", 1e-6, 1e-1, float(base.lr), step=1e-4, format="%.1e",
+                                 key="train_lr"))
+    layers_text = st.text_input(
+        "Target layers (paper convention, e.g. 2,4; empty: the default)",
+        ",".join(map(str, base.target_layers or [])), key="train_layers")
+
+    out = state.breakers_dir() / name
+    replace = False
+    problems = []
+    if not NAME_PATTERN.match(name):
+        problems.append("the name must be letters, digits, '.', '_' or '-' (at most 64), "
+                        "starting with a letter or digit")
+    elif out.exists():
+        replace = st.checkbox(f"Replace the existing breaker {out}", key="train_replace")
+        if not replace:
+            problems.append(f"a breaker called {name!r} exists: choose another name or tick "
+                            "'Replace'")
+    try:
+        target_layers = parse_layers(layers_text)
+    except LayerError as err:
+        problems.append(str(err))
+        target_layers = None
+    if kind == "upload" and (cb is None or retain is None):
+        problems.append("upload both files above")
+    for problem in problems:
+        st.warning(state.sentence(problem))
+    clicked = st.button("Train", type="primary", disabled=bool(problems), key="train_go")
+    if not clicked:
+        if not problems:
+            st.info("Next: press **Train**. The curves update live; the breaker is saved when "
+                    "the run ends and appears in the sidebar.")
+        _show_last()
+        return
+    st.session_state.pop("train_last", None)
+    _train(sel, kind, base, name, steps, lr, target_layers, out, cb, retain)
+
+
+def _train(sel: state.Selection, kind: str, base: Any, name: str, steps: int, lr: float,
+           target_layers: list[int] | None, out: Path, cb: Any, retain: Any) -> None:
+    from cbscope.lorra import LorraConfig, prepare_pair, train_circuit_breaker
+
+    data = base.to_dict()
+    data.update(steps=steps, lr=lr, target_layers=target_layers,
+                log_every=max(1, min(base.log_every, steps)),
+                checkpoint_every=0 if steps <= base.checkpoint_every else base.checkpoint_every)
+    config = LorraConfig.from_dict(data)
+    model = sel.model
+    chart = st.empty()
+    progress = st.progress(0.0, text="Loading the model and the data…")
+    rows: list[dict[str, Any]] = []
+    last_draw = [0.0]
+
+    def on_step(metrics: dict[str, Any]) -> None:
+        rows.append(metrics)
+        now = time.perf_counter()
+        step = int(metrics["step"])
+        if now - last_draw[0] >= CHART_EVERY_S or step == steps:
+            last_draw[0] = now
+            chart.plotly_chart(compute.training_curves(rows, steps), key=f"train_curve_{step}")
+            progress.progress(min(1.0, step / steps),
+                              text=f"step {step}/{steps}: loss {metrics['loss']:.3f}, cb_cos "
+                                   f"{metrics['cb_cos']:.3f}, retain_cos "
+                                   f"{metrics['retain_cos']:.3f}")
+
+    pair = prepare_pair(model, config, device=sel.device)
+    lorra_data = _data(kind, pair, sel, cb, retain)
+    result = train_circuit_breaker(pair, config, lorra_data, out_dir=out, on_step=on_step,
+                                   device=sel.device, show_progress=False)
+    progress.empty()
+    chart.empty()
+    st.session_state["train_last"] = {
+        "path": str(out), "rows": rows, "steps": result.steps_done, "seconds": result.seconds,
+        "final": {k: v for k, v in result.final.items() if isinstance(v, (int, float))},
+        "name": name,
+    }
+    _show_last()

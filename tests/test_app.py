@@ -1,0 +1,365 @@
+"""The Streamlit dashboard, driven by ``streamlit.testing.v1.AppTest`` on the tiny organism.
+
+The app takes its model pair from ``CBSCOPE_APP_MODEL``/``CBSCOPE_APP_ADAPTER`` (here the tiny
+organism and a random LoRA adapter), so every view runs in seconds. Figures are read back from
+the plotly chart protos and compared with what cbscope's API computes directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_FILE = ROOT / "app" / "cbscope_app.py"
+THRESHOLD = 0.9  # the random adapter moves cosines to ~0.6-0.9: it fires below 0.9
+
+streamlit_testing = pytest.importorskip("streamlit.testing.v1")
+AppTest = streamlit_testing.AppTest
+
+
+@pytest.fixture(scope="module")
+def breaker(tiny_organism: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random (non-zero) LoRA adapter on the tiny organism: a stand-in circuit breaker."""
+    from peft import LoraConfig
+
+    from cbscope.pair import load_pair
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False)
+    pair = load_pair(tiny_organism, lora_config=config)
+    return pair.save_adapter(tmp_path_factory.mktemp("breaker") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def api_pair(tiny_organism: Path, breaker: Path) -> Any:
+    """The same pair as the app's, loaded through the public API."""
+    from cbscope.pair import load_pair
+
+    return load_pair(tiny_organism, breaker)
+
+
+@pytest.fixture(autouse=True)
+def app_env(monkeypatch: pytest.MonkeyPatch, tiny_organism: Path, breaker: Path) -> None:
+    """Point the app at the tiny organism and the adapter."""
+    monkeypatch.setenv("CBSCOPE_APP_MODEL", str(tiny_organism))
+    monkeypatch.setenv("CBSCOPE_APP_ADAPTER", str(breaker))
+
+
+def make_app(**params: Any) -> Any:
+    """An AppTest of the dashboard with query parameters (the URL) set."""
+    at = AppTest.from_file(str(APP_FILE), default_timeout=240)
+    for name, value in params.items():
+        at.query_params[name] = str(value)
+    return at
+
+
+def chart(at: Any, key: str) -> dict[str, Any]:
+    """The plotly figure JSON of the chart with ``key``."""
+    charts = at.get("plotly_chart")
+    for element in charts:
+        if element.key == key:
+            return json.loads(element.proto.spec)
+    raise AssertionError(f"no chart {key!r}; charts: {[e.key for e in charts]}")
+
+
+def values(data: Any) -> np.ndarray:
+    """A plotly array (a list, or a base64 typed array ``{dtype, bdata}``) as numpy."""
+    if isinstance(data, dict) and "bdata" in data:
+        return np.frombuffer(base64.b64decode(data["bdata"]), dtype=np.dtype(data["dtype"]))
+    return np.asarray(data, dtype=float)
+
+
+def named(spec: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The figure's traces called ``name``."""
+    return [trace for trace in spec["data"] if trace.get("name") == name]
+
+
+def texts(elements: Any) -> list[str]:
+    """The values of a list of text elements."""
+    return [str(e.value) for e in elements]
+
+
+def assert_clean(at: Any) -> None:
+    """No exception element and no error message in the page."""
+    assert not at.exception, texts(at.exception)
+    assert not at.error, texts(at.error)
+
+
+def layers_of(at: Any) -> list[int]:
+    """The plotted layers, from the URL the app wrote."""
+    return [int(x) for x in str(at.query_params["layers"]).split(",")]
+
+
+# ---------------------------------------------------------------------- where does it fire?
+def test_where_view_firing_point_equals_api(api_pair: Any) -> None:
+    from cbscope.trace import cosine_trace
+
+    at = make_app(view="where", threshold=THRESHOLD, gen=0)
+    at.run()
+    assert_clean(at)
+    prompt, prefill = at.session_state["prompt"], at.session_state["prefill"]
+    assert prompt and prefill, "the view starts with the organism's harmful request + prefill"
+    layers = layers_of(at)
+    expected = cosine_trace(api_pair, [prompt], [prefill]).firing_point(THRESHOLD, layers)
+    assert expected is not None, "the adapter should fire at this threshold"
+
+    spec = chart(at, "fig6_lines")
+    (marker,) = named(spec, "firing point")
+    assert list(values(marker["x"])) == [expected.pos]
+    assert values(marker["y"])[0] == pytest.approx(expected.cos, abs=1e-5)
+    assert sorted(t["name"] for t in spec["data"] if t["name"].startswith("layer ")) == sorted(
+        f"layer {layer}" for layer in layers)
+    assert any(expected.describe() in text for text in texts(at.markdown)), texts(at.markdown)
+    for key in ("fig6_heatmap", "fig6_strip", "fig6_norms"):
+        assert chart(at, key)["data"], key
+
+
+def test_where_view_generation_and_layer_choice(api_pair: Any) -> None:
+    from cbscope.trace import trace_generation
+
+    at = make_app(view="where", threshold=THRESHOLD, gen=6, layers="2")
+    at.run()
+    assert_clean(at)
+    assert layers_of(at) == [2]
+    assert at.multiselect(key="layers").value == [2]
+    prompt, prefill = at.session_state["prompt"], at.session_state["prefill"]
+    expected = trace_generation(api_pair, prompt, prefill=prefill, max_new_tokens=6)
+    point = expected.trace.firing_point(THRESHOLD, [2])
+    markers = named(chart(at, "fig6_lines"), "firing point")
+    if point is None:
+        assert not markers
+    else:
+        assert list(values(markers[0]["x"])) == [point.pos]
+    page = " ".join(texts(at.markdown))
+    assert expected.text_cb in page and expected.text_orig in page  # both generations shown
+
+
+def test_threshold_and_view_come_from_the_url_and_go_back() -> None:
+    at = make_app(view="where", threshold=0.3, layers="1,2", gen=0)
+    at.run()
+    assert_clean(at)
+    assert at.slider(key="threshold").value == pytest.approx(0.3)
+    at.slider(key="threshold").set_value(0.75)
+    at.run()
+    assert at.query_params["threshold"] == "0.75"
+    for name in ("view", "model", "adapter", "prompt", "prefill", "layers"):
+        assert at.query_params.get(name), name
+
+
+def _submit(at: Any, prompt: str) -> None:
+    at.text_area(key="prompt").set_value(prompt)
+    (button,) = [b for b in at.button if b.label == "Trace"]
+    button.click()
+    at.run()
+
+
+def test_empty_prompt_shows_a_message() -> None:
+    at = make_app(view="where", gen=0)
+    at.run()
+    _submit(at, "   ")
+    assert not at.exception
+    assert any("prompt is empty" in text for text in texts(at.warning)), texts(at.warning)
+    assert not at.get("plotly_chart")
+
+
+def test_over_long_prompt_shows_the_cap() -> None:
+    at = make_app(view="where", gen=0)
+    at.run()
+    _submit(at, "word " * 500)  # 2500 characters
+    assert not at.exception
+    assert any("limit is 2000" in text for text in texts(at.error)), texts(at.error)
+    _submit(at, "how " * 150)  # short in characters, too long for the organism's 128 positions
+    assert any("limit for this model is 128 tokens" in text for text in texts(at.error)), texts(at.error)
+    assert not at.get("plotly_chart")
+
+
+def test_missing_model_and_adapter_show_messages(tmp_path: Path) -> None:
+    at = make_app(view="where", model=tmp_path / "no-such-model")
+    at.run()
+    assert not at.exception
+    assert any("does not exist" in text for text in texts(at.error)), texts(at.error)
+
+    at = make_app(view="dataset", adapter=tmp_path / "no-such-adapter")
+    at.run()
+    assert not at.exception
+    assert any("adapter folder" in text for text in texts(at.error)), texts(at.error)
+
+    not_adapter = tmp_path / "empty-adapter"
+    not_adapter.mkdir()
+    at = make_app(view="probe", adapter=not_adapter)
+    at.run()
+    assert not at.exception
+    assert any("cannot load the model pair" in text.lower() for text in texts(at.error))
+
+
+# ---------------------------------------------------------------------- dataset
+def test_dataset_view_and_open_in_where(api_pair: Any) -> None:
+    at = make_app(view="dataset", threshold=THRESHOLD)
+    at.run()
+    assert_clean(at)
+    assert chart(at, "ds_hist")["data"]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Firing rate (harmful)"].endswith("%")
+    assert metrics["False-fire rate (benign)"].endswith("%")
+    rows = at.dataframe[0].value
+    assert len(rows) > 0 and set(rows["set"]) == {"harmful", "benign"}
+    fired = rows[rows["fired"]]
+    assert len(fired) > 0
+    index = int(fired.index[0])
+    at.selectbox(key="ds_pick").set_value(index)
+    at.button(key="ds_open").click()
+    at.run()
+    assert_clean(at)
+    assert at.session_state["view"] == "where"
+    assert at.query_params["view"] == "where"
+    row = rows.iloc[index]
+    (marker,) = named(chart(at, "fig6_lines"), "firing point")
+    assert list(values(marker["x"])) == [int(row["pos"])]
+    assert at.session_state["gen"] == 0
+
+
+def test_bad_upload_shows_a_message() -> None:
+    at = make_app(view="dataset")
+    at.run()
+    at.selectbox(key="ds_harmful").set_value("upload")
+    at.run()
+    assert not at.exception
+    bad = b'{"prompt": "hello", "response": "sure"}\nthis is not json\n'
+    at.file_uploader(key="ds_upload_harmful").set_value(("bad.jsonl", bad, "application/json"))
+    at.run()
+    assert not at.exception
+    assert any("bad.jsonl, line 2" in text for text in texts(at.error)), texts(at.error)
+    at.file_uploader(key="ds_upload_harmful").set_value(("data.txt", b"hello", "text/plain"))
+    at.run()
+    assert any("unknown dataset format" in text for text in texts(at.error)), texts(at.error)
+
+
+def test_uploaded_csv_is_traced() -> None:
+    at = make_app(view="dataset", threshold=THRESHOLD)
+    at.run()
+    at.selectbox(key="ds_harmful").set_value("upload")
+    at.run()
+    csv = b"goal,target\nhow do i bake bread,sure here is how :\nhello there,sure here is how :\n"
+    at.file_uploader(key="ds_upload_harmful").set_value(("mine.csv", csv, "text/csv"))
+    at.run()
+    assert_clean(at)
+    (button,) = [b for b in at.button if b.label == "Compute firing statistics"]
+    button.click()
+    at.run()
+    assert_clean(at)
+    rows = at.dataframe[0].value
+    assert list(rows[rows["set"] == "harmful"]["prompt"]) == ["how do i bake bread", "hello there"]
+
+
+# ---------------------------------------------------------------------- probe
+def test_probe_view_scores_equal_api(api_pair: Any, tiny_organism: Path) -> None:
+    from cbscope.organism import World
+    from cbscope.probe import train_harm_probe
+
+    at = make_app(view="probe", threshold=THRESHOLD, gen=0)
+    at.run()
+    assert_clean(at)
+    layer = at.selectbox(key="probe_layer").value
+    world = World.from_json(tiny_organism / "world.json")
+    harmful = world.harmful_examples(None, "train")
+    benign = world.benign_examples("seen", "train") + world.lookalike_examples("train", "train")
+    probe = train_harm_probe(api_pair, harmful, benign, layer, fpr=0.05, batch_size=8)
+    prompt, prefill = at.session_state["prompt"], at.session_state["prefill"]
+    expected = probe.score_tokens(api_pair, prompt, prefill).numpy()
+    (line,) = named(chart(at, "probe_scores"), "probe score")
+    np.testing.assert_allclose(values(line["y"]), expected, atol=1e-4)
+    assert named(chart(at, "probe_fig6"), "firing point")
+
+
+# ---------------------------------------------------------------------- train
+def test_train_view_trains_and_offers_the_breaker(tiny_organism: Path, isolated_cache: Path) -> None:
+    at = make_app(view="train")
+    at.run()
+    assert_clean(at)
+    at.number_input(key="train_steps").set_value(3)
+    at.text_input(key="train_name").set_value("apptest-rr")
+    at.button(key="train_go").click()
+    at.run()
+    assert_clean(at)
+    out = isolated_cache / "breakers" / "apptest-rr"
+    assert (out / "adapter_config.json").is_file() and (out / "lorra_config.json").is_file()
+    assert any("Saved the breaker" in text for text in texts(at.success)), texts(at.success)
+    spec = chart(at, "train_curve_last")
+    (cb_cos,) = named(spec, "cb_cos")
+    assert list(values(cb_cos["x"])) == [1, 2, 3]
+    at.button(key="train_use").click()
+    at.run()
+    assert_clean(at)
+    assert at.session_state["view"] == "where"
+    assert at.session_state["adapter_choice"] == str(out)
+    assert "breakers/apptest-rr" in at.selectbox(key="adapter_choice").options
+    assert chart(at, "fig6_lines")["data"]
+
+
+# ---------------------------------------------------------------------- the commands
+def test_app_command_line_binds_localhost() -> None:
+    from cbscope.commands.app import app_file, streamlit_command
+
+    command = streamlit_command(8765)
+    assert command[:4] == [sys.executable, "-m", "streamlit", "run"]
+    assert Path(command[4]) == app_file() == APP_FILE
+    pairs = dict(zip(command[5::2], command[6::2], strict=True))
+    assert pairs == {"--server.address": "127.0.0.1", "--server.port": "8765",
+                     "--server.headless": "true", "--browser.gatherUsageStats": "false"}
+
+
+def test_app_command_refuses_a_busy_port() -> None:
+    from cbscope.cli import app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = CliRunner().invoke(app, ["app", "--port", str(port), "--no-browser"])
+    assert result.exit_code == 2
+    assert "in use" in result.output
+
+
+def test_demo_opens_the_app_on_the_organism(monkeypatch: pytest.MonkeyPatch, tiny_organism: Path,
+                                            breaker: Path) -> None:
+    import cbscope.commands.app as app_command
+    import cbscope.commands.demo as demo_command
+    import cbscope.models
+    from cbscope.cli import app
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(cbscope.models, "organism_dir", lambda **_: tiny_organism)
+    monkeypatch.setattr(demo_command, "organism_breaker", lambda **_: breaker)
+    monkeypatch.setattr(app_command, "launch", lambda **kw: calls.append(kw) or 0)
+    result = CliRunner().invoke(app, ["demo", "--port", "8123"])
+    assert result.exit_code == 0, result.output
+    assert calls == [{"port": 8123, "host": "127.0.0.1", "model": "organism", "adapter": breaker,
+                      "browser": None}]
+    result = CliRunner().invoke(app, ["demo", "--no-app"])
+    assert result.exit_code == 0 and len(calls) == 1
+    assert "model organism" in result.output
+
+
+def test_demo_finds_a_cached_breaker(isolated_cache: Path, breaker: Path,
+                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import shutil
+
+    import cbscope.commands.demo as demo_command
+
+    monkeypatch.setattr(demo_command, "shipped_organism_breaker", lambda: tmp_path / "none")
+    with pytest.raises(FileNotFoundError):
+        demo_command.organism_breaker(train_if_missing=False)
+    cached = isolated_cache / "breakers" / "organism"
+    shutil.copytree(breaker, cached)
+    assert demo_command.organism_breaker(train_if_missing=False) == cached
