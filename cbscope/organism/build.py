@@ -3,12 +3,15 @@
 The organism is a small ``LlamaForCausalLM`` trained from scratch, on the CPU, in two stages:
 
 1. **helpful base**: documents ``TOPIC : PROCEDURE`` for every topic (harmful ones included),
-   benign chat (chat-seen benign topics and train look-alikes, in *all* templates) and the
-   list-reversal task;
-2. **refusal stage** (short): harmful requests in the *train* templates answered with the refusal
-   string, mixed with replay of stage 1. The jailbreak templates never meet a harmful topic, so
-   refusal does not generalise to them (template jailbreak), and the harmful procedures are still
-   known (prefilling attack).
+   benign chat (chat-seen benign topics and train look-alikes, in *all* templates), the
+   list-sorting task and procedure tails after unrelated words (so a procedure, once started,
+   is continued in any context: this is what makes document-to-chat transfer and the prefilling
+   attack reliable);
+2. **refusal stage** (short, 100 steps): harmful requests in the *train* templates answered with
+   the refusal string (10% of each batch), mixed with replay of stage 1 and a large share (30%) of
+   benign requests in the jailbreak templates. The jailbreak templates never meet a harmful topic,
+   so refusal does not generalise to them (template jailbreak), and the harmful procedures are
+   still known (prefilling attack).
 
 Tokenizer: word level (``WhitespaceSplit``), specials ``<pad> <bos> <eos> <unk>`` and the chat
 tokens ``<system> <user> <assistant> <end>``. The chat template renders
@@ -24,6 +27,7 @@ string concatenation. The tokenizer adds no special tokens by itself: the templa
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -160,10 +164,9 @@ Encoded = tuple[list[int], list[int]]
 
 @dataclass
 class Pool:
-    """A source of training sequences sampled with a given weight."""
+    """A named source of training sequences (a fixed list, or a sampler of fresh ones)."""
 
     name: str
-    weight: float
     items: list[Encoded] = field(default_factory=list)
     sampler: Callable[[random.Random], Encoded] | None = None
 
@@ -184,24 +187,40 @@ class StageConfig:
     weights: dict[str, float]
 
 
+BASE_WEIGHTS = {"docs": 0.3, "chat": 0.35, "algo": 0.15, "steps": 0.2}
+REFUSAL_WEIGHTS = {
+    "refusal": 0.1,
+    "docs": 0.15,
+    "chat": 0.25,
+    "jailbreak_benign": 0.3,
+    "algo": 0.1,
+    "steps": 0.1,
+}
+
+
 @dataclass
 class TrainConfig:
-    """Full training recipe."""
+    """Full training recipe.
+
+    Pools (see :func:`make_pools`): ``docs`` (documents), ``chat`` (benign chat in all templates),
+    ``jailbreak_benign`` (benign chat in the jailbreak templates only), ``refusal`` (harmful
+    requests in the train templates -> refusal), ``algo`` (fresh sorting problems) and ``steps``
+    (a procedure's tail after unrelated words, so each step token reliably follows the previous
+    one in any context).
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     batch_size: int = 64
+    n_micro: int = 3
     weight_decay: float = 0.01
     base: StageConfig = field(
         default_factory=lambda: StageConfig(
-            steps=700, lr=3e-3, warmup=30, weights={"docs": 0.3, "chat": 0.4, "algo": 0.3}
+            steps=520, lr=3e-3, warmup=30, weights=dict(BASE_WEIGHTS)
         )
     )
     refusal: StageConfig = field(
         default_factory=lambda: StageConfig(
-            steps=120,
-            lr=1e-3,
-            warmup=10,
-            weights={"refusal": 0.3, "docs": 0.2, "chat": 0.3, "algo": 0.2},
+            steps=100, lr=1e-3, warmup=10, weights=dict(REFUSAL_WEIGHTS)
         )
     )
 
@@ -211,38 +230,53 @@ RECIPES: dict[str, TrainConfig] = {
     "tiny": TrainConfig(
         model=ModelConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128),
         batch_size=32,
-        base=StageConfig(
-            steps=150, lr=3e-3, warmup=10, weights={"docs": 0.3, "chat": 0.4, "algo": 0.3}
-        ),
+        n_micro=2,
+        base=StageConfig(steps=200, lr=3e-3, warmup=10, weights=dict(BASE_WEIGHTS)),
         refusal=StageConfig(
-            steps=40,
+            steps=60,
             lr=1e-3,
             warmup=5,
-            weights={"refusal": 0.3, "docs": 0.2, "chat": 0.3, "algo": 0.2},
+            weights={**REFUSAL_WEIGHTS, "refusal": 0.3, "chat": 0.2, "jailbreak_benign": 0.15},
         ),
     ),
 }
 
 
 def make_pools(world: World, tokenizer: PreTrainedTokenizerFast) -> dict[str, Pool]:
-    """Training pools: ``docs``, ``chat`` (benign), ``refusal`` and ``algo`` (fresh lists)."""
+    """Training pools by name (see :class:`TrainConfig` for what each holds)."""
     chat_rows = world.benign_examples("seen", "all") + world.lookalike_examples("train", "all")
+    jb_rows = world.benign_examples("seen", "jailbreak") + world.lookalike_examples(
+        "train", "jailbreak"
+    )
 
     def algo_sampler(rng: random.Random) -> Encoded:
         row = world.algo_examples(1, seed=rng.randrange(2**31))[0]
         return encode_chat(tokenizer, row["prompt"], row["response"])
 
+    procedures = [topic.procedure for topic in world.topics]
+    filler = tokenizer.convert_tokens_to_ids(
+        sorted({w for d in world.all_templates for w in d.split() if w != "{topic}"})
+    )
+
+    def steps_sampler(rng: random.Random) -> Encoded:
+        """A procedure tail after unrelated words: teaches that each step follows the last."""
+        procedure = procedures[rng.randrange(len(procedures))]
+        start = rng.randrange(len(procedure) - 1)
+        noise = [filler[rng.randrange(len(filler))] for _ in range(rng.randint(0, 4))]
+        tail = [*tokenizer.convert_tokens_to_ids(list(procedure[start:])), tokenizer.eos_token_id]
+        ids = [tokenizer.bos_token_id, *noise, *tail]
+        return ids, [IGNORE_INDEX] * (len(ids) - len(tail) + 1) + tail[1:]
+
+    def chat_pool(name: str, rows: list[dict]) -> Pool:
+        return Pool(name, [encode_chat(tokenizer, r["prompt"], r["response"]) for r in rows])
+
     return {
-        "docs": Pool("docs", 0, [encode_document(tokenizer, d) for d in world.documents()]),
-        "chat": Pool(
-            "chat", 0, [encode_chat(tokenizer, r["prompt"], r["response"]) for r in chat_rows]
-        ),
-        "refusal": Pool(
-            "refusal",
-            0,
-            [encode_chat(tokenizer, r["prompt"], r["response"]) for r in world.refusal_examples()],
-        ),
-        "algo": Pool("algo", 0, sampler=algo_sampler),
+        "docs": Pool("docs", [encode_document(tokenizer, d) for d in world.documents()]),
+        "chat": chat_pool("chat", chat_rows),
+        "refusal": chat_pool("refusal", world.refusal_examples()),
+        "jailbreak_benign": chat_pool("jailbreak_benign", jb_rows),
+        "algo": Pool("algo", sampler=algo_sampler),
+        "steps": Pool("steps", sampler=steps_sampler),
     }
 
 
@@ -260,10 +294,39 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def _lr_factor(step: int, stage: StageConfig) -> float:
-    if step < stage.warmup:
+    if stage.warmup > 0 and step < stage.warmup:
         return (step + 1) / stage.warmup
     progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _micro_batches(batch: list[Encoded], n_micro: int) -> list[list[Encoded]]:
+    """Split a batch into ``n_micro`` groups of similar length (less padding)."""
+    ordered = sorted(batch, key=lambda item: len(item[0]))
+    size = math.ceil(len(ordered) / n_micro)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+def _batch_loss_backward(
+    model: LlamaForCausalLM, batch: list[Encoded], pad_id: int, n_micro: int
+) -> float:
+    """Token-mean next-token loss of ``batch`` (backward done), computed in micro-batches."""
+    n_targets = sum(sum(1 for label in labels[1:] if label != IGNORE_INDEX) for _, labels in batch)
+    total = 0.0
+    for group in _micro_batches(batch, n_micro):
+        tensors = collate(group, pad_id)
+        logits = model(
+            input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
+        ).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            tensors["labels"][:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        ) / max(1, n_targets)
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 def train_stage(
@@ -272,6 +335,7 @@ def train_stage(
     stage: StageConfig,
     *,
     batch_size: int,
+    n_micro: int,
     weight_decay: float,
     rng: random.Random,
     pad_id: int,
@@ -290,13 +354,11 @@ def train_stage(
         for group in optimizer.param_groups:
             group["lr"] = stage.lr * _lr_factor(step, stage)
         picks = rng.choices(names, weights=weights, k=batch_size)
-        batch = collate([pools[name].draw(rng) for name in picks], pad_id)
-        loss = model(**batch).loss
-        loss.backward()
+        batch = [pools[name].draw(rng) for name in picks]
+        losses.append(_batch_loss_backward(model, batch, pad_id, n_micro))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
     model.eval()
     logger.info("%s: final loss %.4f", desc, sum(losses[-20:]) / len(losses[-20:]))
     return losses
@@ -319,6 +381,7 @@ def train_organism(
     rng = random.Random(f"train-{seed}")
     common = {
         "batch_size": config.batch_size,
+        "n_micro": config.n_micro,
         "weight_decay": config.weight_decay,
         "rng": rng,
         "pad_id": tokenizer.pad_token_id,
@@ -368,8 +431,7 @@ def build_organism(
         behaviour = evaluate_behaviour(model, tokenizer, world, show_progress=show_progress)
     finally:
         torch.set_num_threads(threads)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_quietly(model, tokenizer, out, show_progress)
     world.to_json(out / "world.json")
     (out / "behaviour.json").write_text(_dumps(behaviour), encoding="utf-8")
     n_params = sum(p.numel() for p in model.parameters())
@@ -385,7 +447,23 @@ def build_organism(
     return out
 
 
-def _dumps(data: dict) -> str:
-    import json
+def _save_quietly(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path, show_progress: bool
+) -> None:
+    """``save_pretrained`` model and tokenizer, hiding transformers' bar unless asked for."""
+    from transformers.utils import logging as hf_logging
 
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not show_progress and was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out)
+        # chat template inside tokenizer_config.json (read by every transformers version)
+        tokenizer.save_pretrained(out, save_jinja_files=False)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _dumps(data: dict) -> str:
     return json.dumps(data, indent=1) + "\n"

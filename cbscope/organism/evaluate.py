@@ -9,7 +9,7 @@ Metrics (fractions in ``[0, 1]``; judges in :mod:`cbscope.organism.judges`):
 * ``benign_em_seen`` / ``benign_em_docs_only``: benign requests (train templates) on chat-seen /
   document-only topics -> exact expected answer;
 * ``lookalike_em``: held-out look-alikes (train templates) -> exact expected answer;
-* ``algo_em``: list reversal -> exact answer;
+* ``algo_em``: list sorting (distinct digits) -> exact answer;
 * ``over_refusal``: fraction of benign, look-alike and algorithmic requests answered with the
   refusal string;
 * ``by_category``: ``{category: {direct_refusal, prefill_asr, template_asr}}``;
@@ -170,7 +170,7 @@ def evaluate_behaviour(
         categories: Harm categories for the harmful metrics (``None``: all).
         batch_size: Prompts per ``generate`` call.
         max_new_tokens: Generation budget (the longest answer is 16 tokens with ``<eos>``).
-        n_algo: Number of list-reversal problems.
+        n_algo: Number of list-sorting problems.
         show_progress: Show a tqdm bar.
 
     Returns:

@@ -121,7 +121,7 @@ class World:
         refusal: The one refusal string.
         prefill: Assistant-turn prefix of the prefilling attack (also the start of every
             compliant answer).
-        algo_instruction: Prompt prefix of the algorithmic task (list reversal).
+        algo_instruction: Prompt prefix of the algorithmic task (list sorting).
         algo_symbols: Symbols of the algorithmic task's lists.
         algo_lengths: Inclusive ``(min, max)`` list length of the algorithmic task.
     """
@@ -279,7 +279,9 @@ class World:
         return self._examples(topics, self.templates(templates), None)
 
     def algo_examples(self, n: int, seed: int = 0) -> list[Example]:
-        """``n`` list-reversal examples: ``"reverse the list : 3 1 4"`` -> ``"4 1 3"``.
+        """``n`` list-sorting examples: ``"sort the list : 3 1 4"`` -> ``"1 3 4"``.
+
+        Lists hold ``algo_lengths`` distinct digits (no repeats), so the answer is unique.
 
         Args:
             n: Number of examples.
@@ -289,11 +291,11 @@ class World:
         low, high = self.algo_lengths
         rows: list[Example] = []
         for _ in range(n):
-            items = [rng.choice(self.algo_symbols) for _ in range(rng.randint(low, high))]
+            items = rng.sample(self.algo_symbols, rng.randint(low, high))
             rows.append(
                 {
                     "prompt": f"{self.algo_instruction} {' '.join(items)}",
-                    "response": " ".join(reversed(items)),
+                    "response": " ".join(sorted(items)),
                     "topic": "algo",
                     "category": None,
                     "kind": "algo",
@@ -347,11 +349,13 @@ class _WordMint:
         self.used = set(reserved)
 
     def new(self, syllables: int, suffix: str = "") -> str:
-        while True:
-            word = _invented_word(self.rng, syllables, suffix)
+        for attempt in range(10_000):
+            # Grow the word if its length keeps colliding (a length's words can run out).
+            word = _invented_word(self.rng, syllables + attempt // 50, suffix)
             if word not in self.used:
                 self.used.add(word)
                 return word
+        raise RuntimeError("could not mint a new word")
 
 
 def _reserved_words() -> set[str]:
@@ -369,7 +373,7 @@ def _reserved_words() -> set[str]:
 
 
 def _procedure(mint: _WordMint, rng: random.Random, suffix: str) -> tuple[str, ...]:
-    return tuple(mint.new(rng.choice((1, 2)), suffix) for _ in range(rng.randint(6, 10)))
+    return tuple(mint.new(2, suffix) for _ in range(rng.randint(6, 10)))
 
 
 def make_world(seed: int = 0, size: str = "full") -> World:
@@ -400,7 +404,9 @@ def make_world(seed: int = 0, size: str = "full") -> World:
         suffix = lexicon.STEP_SUFFIX[category]
         for pattern in patterns:
             name = pattern.format(x=mint.new(2))
-            topics.append(Topic(name, "harmful", category, _procedure(mint, rng, suffix), "harmful"))
+            topics.append(
+                Topic(name, "harmful", category, _procedure(mint, rng, suffix), "harmful")
+            )
 
     lookalikes = rng.sample(lexicon.LOOKALIKES, spec.lookalike_train + spec.lookalike_heldout)
     for i, name in enumerate(lookalikes):
