@@ -88,13 +88,16 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def organism_dir(*, build_if_missing: bool = True) -> Path:
-    """Folder of the model organism: the cache copy, else the shipped one, else a fresh build."""
-    cached = cache_dir() / "organism"
-    if is_hf_folder(cached):
-        return cached
+    """Folder of the model organism: the shipped one, else a build in the cache (made if missing).
+
+    The shipped build comes first so that the shipped breaker always fits the organism it loads.
+    """
     shipped = shipped_organism_dir()
     if is_hf_folder(shipped):
         return shipped
+    cached = cache_dir() / "organism"
+    if is_hf_folder(cached):
+        return cached
     if not build_if_missing:
         raise ModelSpecError(
             f"no model organism at {cached} or {shipped}; run `cbscope organism build --out {cached}`"
