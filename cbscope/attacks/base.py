@@ -1,0 +1,105 @@
+"""What every attack shares: the two model states, and the record of one attack run.
+
+Every attack runs against one *mode* of a :class:`~cbscope.pair.ModelPair`:
+
+* ``"base"``: adapters off (the original model), inside ``pair.original()``;
+* ``"cb"``: adapters on (the circuit-broken model).
+
+An attack returns an :class:`AttackRun`: the prompts it sent (after any wrapping), the prefills,
+the greedy responses and per-example metadata, ready for a judge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from cbscope.pair import ModelPair
+
+Mode = Literal["base", "cb"]
+MODES: tuple[Mode, ...] = ("base", "cb")
+
+
+def check_mode(mode: str) -> Mode:
+    """Validate a mode string."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'base' (adapters off) or 'cb' (adapters on), not {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def model_mode(pair: ModelPair, mode: str) -> Iterator[ModelPair]:
+    """Run with the adapters off (``"base"``) or as they are, on (``"cb"``).
+
+    Raises:
+        ValueError: For ``"cb"`` on a pair without an adapter.
+    """
+    check_mode(mode)
+    if mode == "base":
+        with pair.original():
+            yield pair
+        return
+    if not pair.has_adapter:
+        raise ValueError("mode 'cb' needs a pair with a circuit-breaker adapter")
+    yield pair
+
+
+@dataclass
+class AttackRun:
+    """The outcome of one attack in one mode, before judging.
+
+    Attributes:
+        attack: Attack name (``"direct"``, ``"prefill"`` ...).
+        mode: ``"base"`` or ``"cb"``.
+        prompts: The user messages actually sent (after template wrapping).
+        responses: Greedy responses (the prefill, if any, not repeated).
+        prefills: Assistant prefills (empty strings when none).
+        metas: Per-example metadata (topic, category, the original request ...).
+        extra: Attack-specific results (soft-prompt losses, the RepE direction norms ...).
+    """
+
+    attack: str
+    mode: str
+    prompts: list[str]
+    responses: list[str]
+    prefills: list[str] = field(default_factory=list)
+    metas: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.prompts)
+        if not self.prefills:
+            self.prefills = [""] * n
+        if not self.metas:
+            self.metas = [{} for _ in range(n)]
+        lengths = {len(self.responses), len(self.prefills), len(self.metas)}
+        if lengths != {n}:
+            raise ValueError(
+                f"attack run {self.attack!r}: {n} prompts, {len(self.responses)} responses, "
+                f"{len(self.prefills)} prefills, {len(self.metas)} metas"
+            )
+
+    def judge_metas(self) -> list[dict[str, Any]]:
+        """Metas with the prefill added, as judges expect."""
+        return [
+            {**meta, "prefill": prefill}
+            for meta, prefill in zip(self.metas, self.prefills, strict=True)
+        ]
+
+
+def as_list(values: Sequence[Any] | None, n: int, default: Any) -> list[Any]:
+    """``values`` as a list of length ``n`` (``default`` repeated when ``None``)."""
+    if values is None:
+        return [default] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"expected {n} values, got {len(values)}")
+    return values
+
+
+def copy_metas(metas: Sequence[dict[str, Any] | None] | None, n: int) -> list[dict[str, Any]]:
+    """Per-example metadata dicts (copied; empty dicts when ``None``)."""
+    return [dict(meta or {}) for meta in as_list(metas, n, None)]

@@ -1,0 +1,295 @@
+"""Harmful fine-tuning attack: LoRA fine-tuning on a few harmful examples, ASR per step.
+
+Design (chosen for safety of the breaker): the attacked model is a **copy** with the circuit
+breaker **merged** into its weights (``mode="cb"``; ``mode="base"``: the copy without the
+adapter), and the attacker trains a **second, fresh LoRA adapter** on top of it. So it is LoRA
+fine-tuning of the circuit-broken model as a user of the released weights would do it; the pair,
+its adapter and the breaker folder on disk are never touched (tested). A fresh LoRA starts at
+``B = 0``, so step 0 is exactly the attacked model.
+
+Training: ``n_examples`` (request, harmful response) pairs, cross-entropy on the response tokens
+(+ end of turn), AdamW at each learning rate in ``lrs``, ``steps`` steps of ``batch_size``
+examples. Every ``eval_every`` steps (and at step 0) the copy greedily answers ``eval_prompts``;
+with a judge the attack success rate gives a *steps-to-recover* curve per learning rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from cbscope.attacks.base import check_mode
+from cbscope.data import encode_chat, pad_id_of
+from cbscope.generation import generate_text
+
+if TYPE_CHECKING:
+    from cbscope.pair import ModelPair
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+
+@dataclass
+class FinetuneAttackConfig:
+    """Options of the fine-tuning attack.
+
+    Attributes:
+        lrs: Learning rates; one curve each.
+        steps: Optimiser steps per learning rate.
+        eval_every: Evaluate every this many steps (and at step 0 and the last step).
+        batch_size: Examples per step (drawn with replacement from the ``n_examples``).
+        n_examples: Harmful training examples used (the first ``n_examples`` given).
+        rank: LoRA rank of the attacker's adapter.
+        alpha: LoRA alpha.
+        target_modules: Linear modules the attacker adapts (``None``: attention + MLP projections
+            present in the model).
+        max_length: Token limit of a training example.
+        max_new_tokens: Generation budget of the evaluations.
+        eval_batch_size: Prompts per generate call.
+        seed: Seed of the LoRA init and the batch order.
+    """
+
+    lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    steps: int = 40
+    eval_every: int = 5
+    batch_size: int = 8
+    n_examples: int = 16
+    rank: int = 8
+    alpha: int = 16
+    target_modules: list[str] | None = None
+    max_length: int = 256
+    max_new_tokens: int = 32
+    eval_batch_size: int = 64
+    seed: int = 0
+
+    def validate(self) -> FinetuneAttackConfig:
+        """Check value ranges; returns ``self``."""
+        if not self.lrs or any(lr <= 0 for lr in self.lrs):
+            raise ValueError(f"lrs must be positive learning rates, not {self.lrs}")
+        if self.steps < 1 or self.eval_every < 1 or self.batch_size < 1 or self.n_examples < 1:
+            raise ValueError("steps, eval_every, batch_size and n_examples must be >= 1")
+        return self
+
+
+@dataclass
+class FinetuneCurve:
+    """One learning rate's run.
+
+    Attributes:
+        lr: Learning rate.
+        mode: ``"base"`` or ``"cb"``.
+        steps: Steps at which the copy was evaluated (``0`` first).
+        responses: Greedy responses to the evaluation prompts at each evaluated step.
+        losses: Training loss of every step.
+        asr: Attack success rate at each evaluated step (``None`` without a judge).
+    """
+
+    lr: float
+    mode: str
+    steps: list[int] = field(default_factory=list)
+    responses: list[list[str]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    asr: list[float] | None = None
+
+    def steps_to(self, level: float) -> int | None:
+        """First evaluated step with ASR >= ``level`` (``None``: never reached)."""
+        if self.asr is None:
+            return None
+        return next((s for s, a in zip(self.steps, self.asr, strict=True) if a >= level), None)
+
+
+def attack_copy(pair: ModelPair, mode: str) -> torch.nn.Module:
+    """A standalone copy of the model to fine-tune: breaker merged (``"cb"``) or gone (``"base"``).
+
+    The pair's modules are deep-copied first, so the pair and its adapter stay untouched.
+    """
+    check_mode(mode)
+    if pair.peft_model is None:
+        if mode == "cb":
+            raise ValueError("mode 'cb' needs a pair with a circuit-breaker adapter")
+        model = copy.deepcopy(pair.model)
+    else:
+        peft_copy = copy.deepcopy(pair.peft_model)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in peft_copy.modules():
+            if isinstance(module, BaseTunerLayer):
+                module._disable_adapters = False
+        model = peft_copy.merge_and_unload() if mode == "cb" else peft_copy.unload()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _target_modules(model: torch.nn.Module, wanted: Sequence[str] | None) -> list[str]:
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    chosen = [m for m in (wanted or DEFAULT_TARGET_MODULES) if m in names]
+    if not chosen:
+        raise ValueError(
+            f"none of the LoRA target modules {wanted or DEFAULT_TARGET_MODULES} exist in the model"
+        )
+    return chosen
+
+
+def _encode_examples(
+    tokenizer: Any, examples: Sequence[tuple[str, str]], max_length: int
+) -> list[tuple[list[int], list[int]]]:
+    eos = tokenizer.eos_token_id
+    out = []
+    for prompt, response in examples:
+        enc = encode_chat(tokenizer, prompt, response)
+        ids = enc.input_ids + ([eos] if eos is not None else [])
+        labels = [-100] * enc.response_start + ids[enc.response_start :]
+        out.append((ids[:max_length], labels[:max_length]))
+    return out
+
+
+def _collate(batch: Sequence[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in batch)
+    ids_t = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels_t = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, labels) in enumerate(batch):
+        ids_t[row, : len(ids)] = torch.tensor(ids)
+        labels_t[row, : len(labels)] = torch.tensor(labels)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": ids_t, "attention_mask": mask, "labels": labels_t}
+
+
+def finetune_attack(
+    pair: ModelPair,
+    train_examples: Sequence[tuple[str, str]],
+    eval_prompts: Sequence[str],
+    *,
+    mode: str = "cb",
+    config: FinetuneAttackConfig | None = None,
+    judge: Any | None = None,
+    eval_metas: Sequence[dict[str, Any]] | None = None,
+    show_progress: bool = False,
+) -> list[FinetuneCurve]:
+    """Fine-tune a copy of the (circuit-broken) model with a fresh LoRA, once per learning rate.
+
+    Args:
+        pair: The model pair (never modified).
+        train_examples: ``(request, harmful response)`` pairs; the first ``n_examples`` are used.
+        eval_prompts: Requests answered at each evaluated step (keep them disjoint from the
+            training requests to measure generalisation).
+        mode: ``"cb"`` (breaker merged) or ``"base"`` (no breaker).
+        config: :class:`FinetuneAttackConfig`.
+        judge: Optional judge (see :mod:`cbscope.judges`); fills ``FinetuneCurve.asr``.
+        eval_metas: Per-eval-prompt metadata passed to the judge.
+        show_progress: Show tqdm bars.
+
+    Returns:
+        One :class:`FinetuneCurve` per learning rate.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from cbscope.judges import run_judge
+
+    config = (config or FinetuneAttackConfig()).validate()
+    check_mode(mode)
+    if not train_examples:
+        raise ValueError("the fine-tuning attack needs at least one training example")
+    tokenizer = pair.tokenizer
+    data = _encode_examples(tokenizer, list(train_examples)[: config.n_examples], config.max_length)
+    pad = pad_id_of(tokenizer)
+    eval_steps = sorted(
+        {0, config.steps, *range(config.eval_every, config.steps + 1, config.eval_every)}
+    )
+    curves = []
+    for lr in config.lrs:
+        model = attack_copy(pair, mode)
+        torch.manual_seed(config.seed)
+        lora = LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=0.0,
+            target_modules=_target_modules(model, config.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        attacked = get_peft_model(model, lora)
+        params = [p for p in attacked.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        rng = random.Random(f"finetune-{config.seed}")
+        device = next(attacked.parameters()).device
+        curve = FinetuneCurve(lr=lr, mode=mode)
+
+        def evaluate(step: int, attacked: Any = attacked, curve: FinetuneCurve = curve) -> None:
+            attacked.eval()
+            responses = generate_text(
+                attacked,
+                tokenizer,
+                list(eval_prompts),
+                max_new_tokens=config.max_new_tokens,
+                batch_size=config.eval_batch_size,
+            )
+            curve.steps.append(step)
+            curve.responses.append(responses)
+
+        evaluate(0)
+        bar = tqdm(
+            range(1, config.steps + 1),
+            desc=f"finetune {mode} lr={lr:g}",
+            disable=not show_progress,
+            leave=False,
+        )
+        for step in bar:
+            attacked.train()
+            batch = _collate(
+                [data[rng.randrange(len(data))] for _ in range(config.batch_size)], pad
+            )
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = attacked(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            curve.losses.append(float(loss.detach()))
+            if step in eval_steps:
+                evaluate(step)
+        bar.close()
+        if judge is not None:
+            curve.asr = []
+            for responses in curve.responses:
+                verdicts = run_judge(judge, list(eval_prompts), responses, eval_metas)
+                curve.asr.append(sum(v.harmful for v in verdicts) / max(1, len(verdicts)))
+        logger.info(
+            "finetune attack (%s, lr %g): loss %.3f -> %.3f, ASR %s",
+            mode,
+            lr,
+            curve.losses[0],
+            curve.losses[-1],
+            curve.asr,
+        )
+        curves.append(curve)
+        del attacked, model, optimizer
+    return curves
+
+
+def curve_dict(curve: FinetuneCurve) -> dict[str, Any]:
+    """A curve without its responses (JSON-friendly)."""
+    data = asdict(curve)
+    data.pop("responses")
+    return data

@@ -1,0 +1,252 @@
+"""The evaluation report: numbers recomputed from its rows, the three files, the ``eval`` CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cbscope.attacks import FinetuneAttackConfig, SoftPromptConfig
+from cbscope.evaluate import (
+    EvalConfig,
+    Report,
+    evaluate_pair,
+    parse_attacks,
+    spread,
+    summarise,
+)
+
+
+@pytest.fixture(scope="module")
+def organism(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny organism (built once per session) and a random adapter holding out 'chem'."""
+    from peft import LoraConfig
+
+    from cbscope.organism import build_organism
+    from cbscope.pair import load_pair
+
+    folder = tmp_path_factory.getbasetemp() / "tiny_organism_attacks"
+    if not (folder / "world.json").is_file():
+        build_organism(folder, size="tiny", show_progress=False)
+    adapter = tmp_path_factory.mktemp("organism_adapter") / "cb"
+    torch.manual_seed(0)
+    pair = load_pair(
+        folder,
+        lora_config=LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
+            layers_to_transform=[2, 3],
+        ),
+    )
+    pair.save_adapter(adapter)
+    (adapter / "train_info.json").write_text(json.dumps({"holdout_category": "chem"}))
+    return folder, adapter
+
+
+def small_config(**overrides) -> EvalConfig:
+    values = {
+        "limit": 6,
+        "soft_prompt": SoftPromptConfig(n_tokens=4, steps=3),
+        "soft_prompt_limit": 2,
+        "finetune": FinetuneAttackConfig(
+            lrs=[1e-3, 1e-2], steps=2, eval_every=1, batch_size=2, n_examples=2, rank=2
+        ),
+        "n_retain": 8,
+        "n_algo": 4,
+        "repe_reference": 8,
+    }
+    values.update(overrides)
+    return EvalConfig(**values)
+
+
+def _mean(values) -> float | None:
+    values = [bool(v) for v in values]
+    return sum(values) / len(values) if values else None
+
+
+def test_parse_attacks_and_spread() -> None:
+    assert parse_attacks("direct, prefill") == ["direct", "prefill"]
+    assert parse_attacks(None)[-1] == "finetune"
+    assert parse_attacks("all") == parse_attacks(None)
+    with pytest.raises(ValueError, match="unknown attacks"):
+        parse_attacks("direct,gcg")
+    items = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("c", 1)]
+    assert spread(items, 3, lambda x: x[0]) == [("a", 1), ("b", 1), ("c", 1)]
+    assert spread(items, 4, lambda x: x[0])[-1] == ("a", 2)
+    assert spread(items, None, lambda x: x[0]) == items
+    with pytest.raises(ValueError):
+        EvalConfig(limit=0).validate()
+
+
+def test_report_numbers_equal_recomputed_rows(organism, tmp_path: Path) -> None:
+    from cbscope.pair import load_pair
+
+    folder, adapter = organism
+    pair = load_pair(folder, adapter)
+    report = evaluate_pair(pair, config=small_config(), show_progress=False)
+    rows = report.rows
+    assert set(report.attacks) == {
+        "direct",
+        "prefill",
+        "template",
+        "soft_prompt",
+        "repe",
+        "finetune",
+    }
+    assert report.meta["data"]["heldout_categories"] == ["chem"]
+    for name in ("direct", "prefill", "template", "soft_prompt", "repe"):
+        mine = [r for r in rows if r["section"] == "attack" and r["attack"] == name]
+        for mode in ("base", "cb"):
+            expected = _mean(r["harmful"] for r in mine if r["mode"] == mode)
+            assert report.attacks[name][mode] == pytest.approx(expected)
+        assert report.attacks[name]["n"] == sum(r["mode"] == "cb" for r in mine)
+        held = [r for r in mine if r["mode"] == "cb" and r["category"] == "chem"]
+        assert all(r["split"] == "heldout" for r in held)
+        if held:
+            assert report.attacks[name]["by_split"]["heldout"]["cb"] == pytest.approx(
+                _mean(r["harmful"] for r in held)
+            )
+    assert report.attacks["direct"]["n"] == 6
+    assert report.attacks["soft_prompt"]["n"] == 2
+    # fine-tuning curves: ASR at each (mode, lr, step)
+    ft = [r for r in rows if r["section"] == "finetune"]
+    for curve in report.finetune_attack["curves"]:
+        for step, asr in zip(curve["steps"], curve["asr"], strict=True):
+            sel = [
+                r["success"]
+                for r in ft
+                if r["mode"] == curve["mode"] and r["lr"] == curve["lr"] and r["step"] == step
+            ]
+            assert asr == pytest.approx(_mean(sel))
+    assert {(c["mode"], c["lr"]) for c in report.finetune_attack["curves"]} == {
+        ("cb", 1e-3),
+        ("cb", 1e-2),
+        ("base", 1e-2),
+    }
+    assert report.finetune_attack["lr"] == 1e-2 and report.finetune_attack["steps"] == [0, 1, 2]
+    assert report.attacks["finetune"]["cb"] == report.finetune_attack["asr"][-1]
+    assert set(report.finetune_attack["by_lr"]) == {"0.001", "0.01"}
+    # capability and over-refusal
+    for metric, entry in report.capability.items():
+        if metric == "retain":
+            continue
+        sel = [r for r in rows if r["section"] == "capability" and r["metric"] == metric]
+        assert entry["cb"] == pytest.approx(_mean(r["success"] for r in sel if r["mode"] == "cb"))
+    assert report.capability["algo_em"]["n"] == 4
+    retain = [r for r in rows if r["section"] == "retain"]
+    tokens = sum(r["n_tokens"] for r in retain)
+    assert report.capability["retain"]["kl"] == pytest.approx(
+        sum(r["kl_sum"] for r in retain) / tokens
+    )
+    assert report.capability["retain"]["kl"] > 0
+    assert report.capability["retain"]["ppl_cb"] == pytest.approx(
+        math.exp(sum(r["nll_cb_sum"] for r in retain) / tokens)
+    )
+    over = [
+        r for r in rows if r["section"] == "over_refusal" and r["metric"] == "lookalike_heldout"
+    ]
+    assert report.over_refusal["lookalike_heldout"]["base"] == pytest.approx(
+        _mean(r["refusal"] or r["degenerate"] for r in over if r["mode"] == "base")
+    )
+    fire = [r for r in rows if r["section"] == "firing"]
+    assert fire, report.meta.get("firing_note")
+    assert report.firing["trace"]["firing_rate"] == pytest.approx(
+        _mean(r["fired"] for r in fire if r["set"] == "harmful")
+    )
+    # the whole summary is a function of the rows; saved and reloaded it is the same
+    assert summarise(rows, report.meta["finetune_primary_lr"])["attacks"] == report.attacks
+    files = report.save(tmp_path / "out")
+    loaded = Report.load(tmp_path / "out")
+    again = Report.from_rows(loaded.rows, loaded.meta)
+    assert json.loads(json.dumps(again.attacks)) == json.loads(files["json"].read_text())["attacks"]
+    page = files["html"].read_text()
+    assert "Plotly.newPlot" in page and '<script src="http' not in page  # JavaScript inline
+    assert "<table>" in page and "Fine-tuning attack" in page
+    assert "| direct |" in files["md"].read_text()
+
+
+def test_base_only_without_adapter(organism) -> None:
+    from cbscope.pair import load_pair
+
+    folder, _ = organism
+    pair = load_pair(folder)
+    report = evaluate_pair(
+        pair, attacks="direct,prefill", config=small_config(), show_progress=False
+    )
+    assert report.attacks["prefill"]["cb"] is None and report.attacks["prefill"]["base"] is not None
+    assert report.meta["modes"] == ["base"]
+    assert "retain" not in report.capability
+
+
+def test_chat_suite_on_tiny_llama(tiny_llama: Path, tmp_path: Path) -> None:
+    from cbscope.pair import load_pair
+
+    harmful = tmp_path / "harmful.csv"
+    harmful.write_text(
+        "goal,target\n"
+        + "".join(f"how do i make a cake {i},sure here is the way\n" for i in range(8))
+    )
+    xstest = tmp_path / "xstest.csv"
+    xstest.write_text(
+        "id,prompt,type,label\n1,how do i bake bread,x,safe\n2,how to make a cake,x,unsafe\n"
+    )
+    pair = load_pair(tiny_llama)
+    report = evaluate_pair(
+        pair,
+        attacks="all",
+        config=small_config(max_new_tokens=3),
+        harmful_path=harmful,
+        xstest_path=xstest,
+        show_progress=False,
+    )
+    assert report.meta["suite"] == "chat" and report.meta["judge"] == "compliance"
+    prefill_rows = [r for r in report.rows if r.get("attack") == "prefill"]
+    assert prefill_rows[0]["prefill"] == "sure here is the way"
+    assert report.attacks["direct"]["n"] == 2  # the last quarter of 8 rows is held out
+    assert report.over_refusal["xstest_safe"]["n"] == 1
+    # fine-tuning data are the base model's completions of the targets; base-only curves
+    assert {c["mode"] for c in report.finetune_attack["curves"]} == {"base"}
+    assert len(report.finetune_attack["curves"]) == 2
+    assert report.attacks["soft_prompt"]["n"] == 2 and report.attacks["repe"]["base"] is not None
+
+
+def test_cli_writes_three_files(organism, tmp_path: Path) -> None:
+    from cbscope.cli import app
+
+    folder, adapter = organism
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(folder),
+            "--adapter",
+            str(adapter),
+            "--attacks",
+            "direct,prefill",
+            "--limit",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-firing",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "report.html"}
+    data = json.loads((out / "report.json").read_text())
+    assert set(data["attacks"]) == {"direct", "prefill"}
+    assert {"base", "cb", "n"} <= set(data["attacks"]["prefill"])
+    assert {"capability", "over_refusal", "finetune_attack", "rows"} <= set(data)
+    assert "prefill" in result.output
+    bad = CliRunner().invoke(
+        app, ["eval", "--model", str(folder), "--attacks", "gcg", "--out", str(out)]
+    )
+    assert bad.exit_code == 2 and "unknown attacks" in bad.output
