@@ -36,6 +36,14 @@ _EXPORTS: dict[str, str] = {
     "trace_generation": "cbscope.trace",
     "firing_stats": "cbscope.trace",
     "train_harm_probe": "cbscope.probe",
+    "HarmProbe": "cbscope.probe",
+    "FiringPoint": "cbscope.trace",
+    "FiringStats": "cbscope.trace",
+    "GenerationTrace": "cbscope.trace",
+    "cosine_trace_ids": "cbscope.trace",
+    "evaluate_pair": "cbscope.evaluate",
+    "EvalConfig": "cbscope.evaluate",
+    "Report": "cbscope.evaluate",
 }
 
 __all__ = sorted(_EXPORTS)
