@@ -1,0 +1,232 @@
+"""``LorraConfig``: every knob of a circuit-breaker (LoRRA) run, saved as ``lorra_config.json``.
+
+Defaults mirror the paper and the official Llama-3 recipe (``lorra_circuit_breaker.py`` +
+``scripts/lorra_circuit_breaker_llama3_8b.sh``) unless noted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from cbscope.layers import LayerError, default_target_layers, validate_layers
+from cbscope.lorra.losses import LOSSES
+
+CONFIG_FILE = "lorra_config.json"
+TOKEN_MASKS = ("full", "response", "request")
+RETAIN_SOURCES = ("benign", "refusal", "lookalike")
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """An invalid :class:`LorraConfig` value."""
+
+
+@dataclass
+class LorraConfig:
+    """Configuration of a LoRRA (Representation Rerouting) run.
+
+    Attributes:
+        target_layers: Paper-convention layers whose representations are rerouted (layer ``l`` =
+            ``blocks.{l-1}.hook_resid_post``). ``None``: the paper's 10,20 of 32, scaled to the
+            model (:func:`cbscope.layers.default_target_layers`).
+        lora_layers: Decoder *block* indices that get LoRA (peft ``layers_to_transform``).
+            ``None``: blocks ``0 .. max(target_layers) - 1``, every block below the highest target
+            layer (the official code also adapts block ``max(target)``, which cannot change any
+            target representation).
+        lora_r: LoRA rank (16).
+        lora_alpha: LoRA alpha (16).
+        lora_dropout: LoRA dropout (0.05).
+        lora_target_modules: Linear modules that get LoRA (attention and MLP projections).
+        lora_b_init_std: Std of the normal init of LoRA ``B``. peft zero-initialises ``B``, so
+            the adapted model starts *equal* to the frozen one: the cosine is at its maximum,
+            its gradient is exactly zero in fp32 and RR never moves. A small random ``B`` (1e-3)
+            breaks the tie; ``0`` keeps peft's init.
+        lorra_alpha: ``alpha`` of the schedule ``c_s = alpha (1 - t/2T)``, ``c_r = alpha t/2T``
+            (paper: 10 for Llama-3, 5 for Mistral).
+        retain_weight: Extra factor on ``c_r`` (1 in the official code). The L2 retain term is in
+            the units of the residual stream: a model with small representation norms (the
+            organism) needs a larger factor to keep retain examples as firmly as a 7B model does.
+        retain_relative: Divide each token's retain distance by the frozen representation's
+            norm (scale-free; not in the official code). Use it for models with large residual
+            norms or attention-sink tokens (SmolLM2).
+        lr: AdamW learning rate (1e-4), constant as in the official recipe.
+        weight_decay: AdamW weight decay (0).
+        max_grad_norm: Gradient clipping norm (1.0, the HF Trainer default the official code runs
+            with); ``0`` disables.
+        steps: Optimiser steps ``T`` (150, the official Llama-3 recipe).
+        batch_size: Circuit-breaker examples per step; the step also takes as many retain
+            examples (16 in the official recipe).
+        max_length: Token limit of retain examples (1024).
+        cb_max_length: Token limit of circuit-breaker examples (``None``: ``max_length``).
+        token_mask: Tokens of the circuit-breaker examples the loss covers: ``"full"`` (request and
+            response, official), ``"response"`` or ``"request"``.
+        retain_token_mask: The same for retain examples (``"full"``, official); a dict gives a
+            mask per retain source (``{"refusal": "response"}``; unnamed sources use ``"full"``).
+        response_only_fraction: Fraction of circuit-breaker examples whose request is dropped
+            (an empty user turn), so the breaker also fires on a harmful response with no
+            harmful request (the official Llama-3 data does this for half of them).
+        retain_mixture: Sampling weights of the retain sources ``benign`` (ordinary chat),
+            ``refusal`` (harmful requests answered with refusals) and ``lookalike`` (benign
+            requests that sound harmful); sources without data are skipped.
+        retain_layers: ``"all"``: the retain loss covers layers ``1 .. max(target)`` (official);
+            ``"target"``: only the target layers.
+        loss: ``"rr"`` (Representation Rerouting), ``"rmu"``, ``"random_norm"`` or
+            ``"refusal_direction"`` (see :mod:`cbscope.lorra.losses`).
+        rmu_scale: ``c`` of the ``rmu`` loss; ``None``: per layer, the frozen model's mean token
+            norm on the circuit-breaker set.
+        val_size: Held-out circuit-breaker examples for ``val_cos`` (taken from the end of the
+            circuit-breaker set when no validation set is given; ``0`` disables).
+        seed: Seed of the LoRA init, the data order and dropout.
+        log_every: Write a ``metrics.jsonl`` line (and compute ``val_cos``) every N steps.
+        checkpoint_every: Write a resumable checkpoint every K steps (``0``: never).
+        keep_checkpoints: Keep the checkpoints folder after a successful run.
+        dtype: Model dtype (``"float32"``).
+    """
+
+    target_layers: list[int] | None = None
+    lora_layers: list[int] | None = None
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    lora_b_init_std: float = 1e-3
+    lorra_alpha: float = 10.0
+    retain_weight: float = 1.0
+    retain_relative: bool = False
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    steps: int = 150
+    batch_size: int = 16
+    max_length: int = 1024
+    cb_max_length: int | None = None
+    token_mask: str = "full"
+    retain_token_mask: str | dict[str, str] = "full"
+    response_only_fraction: float = 0.5
+    retain_mixture: dict[str, float] = field(
+        default_factory=lambda: {"benign": 1.0, "refusal": 1.0, "lookalike": 1.0}
+    )
+    retain_layers: str = "all"
+    loss: str = "rr"
+    rmu_scale: float | None = None
+    val_size: int = 8
+    seed: int = 42
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: bool = False
+    dtype: str = "float32"
+
+    def validate(self) -> LorraConfig:
+        """Check value ranges and choices; returns ``self``.
+
+        Raises:
+            ConfigError: Naming the field and the allowed values.
+        """
+        checks: list[tuple[bool, str]] = [
+            (self.loss in LOSSES, f"loss must be one of {LOSSES}, not {self.loss!r}"),
+            (self.token_mask in TOKEN_MASKS, f"token_mask must be one of {TOKEN_MASKS}"),
+            (
+                all(m in TOKEN_MASKS for m in self.retain_masks().values()),
+                f"retain_token_mask values must be among {TOKEN_MASKS}",
+            ),
+            (self.retain_layers in ("all", "target"), "retain_layers must be 'all' or 'target'"),
+            (self.steps >= 1, f"steps must be >= 1, not {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, not {self.batch_size}"),
+            (self.max_length >= 2, f"max_length must be >= 2, not {self.max_length}"),
+            (self.lora_r >= 1, f"lora_r must be >= 1, not {self.lora_r}"),
+            (0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),
+            (self.lora_b_init_std >= 0.0, "lora_b_init_std must be >= 0"),
+            (self.retain_weight >= 0, "retain_weight must be >= 0"),
+            (self.lr > 0, f"lr must be > 0, not {self.lr}"),
+            (0.0 <= self.response_only_fraction <= 1.0, "response_only_fraction must be in [0, 1]"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.val_size >= 0, "val_size must be >= 0"),
+        ]
+        unknown = sorted(set(self.retain_mixture) - set(RETAIN_SOURCES))
+        checks.append((not unknown, f"unknown retain sources {unknown}; use {RETAIN_SOURCES}"))
+        checks.append(
+            (all(w >= 0 for w in self.retain_mixture.values()), "retain_mixture weights must be >= 0")
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def retain_masks(self) -> dict[str, str]:
+        """The token mask of each retain source."""
+        if isinstance(self.retain_token_mask, str):
+            return {source: self.retain_token_mask for source in RETAIN_SOURCES}
+        return {source: self.retain_token_mask.get(source, "full") for source in RETAIN_SOURCES}
+
+    def resolved_target_layers(self, n_layers: int) -> list[int]:
+        """Target layers for a model with ``n_layers`` blocks (validated, sorted)."""
+        layers = self.target_layers or default_target_layers(n_layers)
+        return validate_layers(layers, n_layers, what="target layer")
+
+    def resolved_lora_layers(self, n_layers: int) -> list[int]:
+        """Block indices that get LoRA (validated against the model's depth)."""
+        if self.lora_layers is None:
+            return list(range(max(self.resolved_target_layers(n_layers))))
+        blocks = sorted(set(int(b) for b in self.lora_layers))
+        bad = [b for b in blocks if not 0 <= b < n_layers]
+        if bad or not blocks:
+            raise LayerError(
+                f"lora_layers {bad or blocks} out of range: block indices run 0..{n_layers - 1}"
+            )
+        return blocks
+
+    def resolved_retain_layers(self, n_layers: int) -> list[int]:
+        """Paper layers the retain loss covers."""
+        targets = self.resolved_target_layers(n_layers)
+        if self.retain_layers == "target":
+            return targets
+        return list(range(1, max(targets) + 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LorraConfig:
+        """Build from a dict, rejecting unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown LorraConfig fields {unknown}")
+        return cls(**data).validate()
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Write ``lorra_config.json`` into ``folder``."""
+        path = Path(folder) / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LorraConfig:
+        """Read a ``lorra_config.json`` (or the folder holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_FILE
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def lora_config(self, n_layers: int) -> Any:
+        """The :class:`peft.LoraConfig` of this run."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(self.lora_target_modules),
+            layers_to_transform=self.resolved_lora_layers(n_layers),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )

@@ -1,0 +1,400 @@
+"""The circuit-breaker and retain sets of a LoRRA run: loading, generation, encoding, batching.
+
+* **Circuit-breaker set**: ``(request, harmful response)`` pairs whose representations are
+  rerouted.
+* **Retain set**: representations to keep, from up to three sources (``LorraConfig.retain_mixture``
+  weights them): ``benign`` chats, ``refusal`` (harmful requests answered with refusals) and
+  ``lookalike`` (benign requests that sound harmful).
+
+Inputs are :class:`~cbscope.data.ChatExample` lists, dicts with ``prompt``/``response``, or files:
+a JSONL file (``prompt``/``response``, an optional ``source`` field names the retain source) or a
+CSV of prompts only (AdvBench's ``goal`` column ...) that the *base* model answers itself; those
+generations are cached under ``cache_dir()/generations/`` keyed by the model and a hash of the
+prompt file. Every example is rendered with the tokenizer's chat template
+(:func:`cbscope.data.encode_chat`) and batches are right padded with attention masks.
+
+The data order of a run (which examples each step uses) is a *plan* made once from the seed; it is
+saved in checkpoints, so a resumed run sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from cbscope.data import (
+    ChatExample,
+    DatasetError,
+    encode_chat,
+    from_records,
+    load_examples,
+    load_jsonl,
+    pad_id_of,
+    pad_right,
+    write_jsonl,
+)
+from cbscope.lorra.config import RETAIN_SOURCES, LorraConfig
+
+logger = logging.getLogger(__name__)
+
+ExampleInput = Sequence[ChatExample | Mapping[str, Any]] | str | os.PathLike[str]
+RetainInput = ExampleInput | Mapping[str, ExampleInput]
+DEFAULT_GEN_TOKENS = 64
+
+
+@dataclass
+class LorraData:
+    """The examples of a run.
+
+    Attributes:
+        cb: Circuit-breaker examples (request + harmful response).
+        retain: Retain examples by source (``benign``, ``refusal``, ``lookalike``).
+        val: Held-out circuit-breaker examples for ``val_cos``.
+        info: Facts to report (held-out category, sizes, files ...).
+    """
+
+    cb: list[ChatExample]
+    retain: dict[str, list[ChatExample]]
+    val: list[ChatExample] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        """Number of examples per set."""
+        sizes = {"cb": len(self.cb), "val": len(self.val)}
+        sizes.update({f"retain_{name}": len(rows) for name, rows in self.retain.items()})
+        return sizes
+
+
+# ---------------------------------------------------------------------- loading
+def _model_key(pair: Any) -> str:
+    from cbscope.pair import model_fingerprint
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", pair.resolved.name)[:60]
+    return f"{name}-{model_fingerprint(pair.model.config)['digest']}"
+
+
+def generation_cache_path(pair: Any, prompt_file: Path, prompts: Sequence[ChatExample], max_new_tokens: int) -> Path:
+    """Where the base model's answers to a prompt file are cached.
+
+    ``cache_dir()/generations/<model>-<arch digest>/<file stem>-<file hash>-<selection hash>.jsonl``;
+    the selection hash covers the chosen prompts and the generation length.
+    """
+    from cbscope.models import cache_dir
+
+    file_hash = hashlib.sha256(prompt_file.read_bytes()).hexdigest()[:16]
+    selection = json.dumps([[m for m in ex.messages] for ex in prompts] + [max_new_tokens])
+    sel_hash = hashlib.sha256(selection.encode()).hexdigest()[:12]
+    return cache_dir() / "generations" / _model_key(pair) / f"{prompt_file.stem}-{file_hash}-{sel_hash}.jsonl"
+
+
+def generate_responses(
+    pair: Any,
+    prompts: Sequence[ChatExample],
+    *,
+    prompt_file: Path | None = None,
+    max_new_tokens: int = DEFAULT_GEN_TOKENS,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> list[ChatExample]:
+    """The base model's own greedy answers to ``prompts`` (adapters off), cached per prompt file.
+
+    Args:
+        pair: The model pair (generation runs with ``pair.original()``).
+        prompts: Examples whose ``messages`` are answered (their ``response`` is ignored).
+        prompt_file: The file the prompts came from (enables the on-disk cache).
+        max_new_tokens: Generation length.
+        batch_size: Prompts per ``generate`` call.
+        show_progress: tqdm bar.
+    """
+    from cbscope.generation import generate_text
+
+    cache = None
+    if prompt_file is not None:
+        cache = generation_cache_path(pair, prompt_file, prompts, max_new_tokens)
+        if cache.is_file():
+            cached = load_jsonl(cache, require_response=False)
+            if len(cached) == len(prompts):
+                logger.info("using %d cached generations from %s", len(cached), cache)
+                return cached
+    logger.info("generating %d answers with the base model (%d new tokens)", len(prompts), max_new_tokens)
+    with pair.original():
+        texts = generate_text(
+            pair.generator,
+            pair.tokenizer,
+            [ex.messages for ex in prompts],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
+    answered = [
+        ChatExample(list(ex.messages), text, {**ex.meta, "generated": True})
+        for ex, text in zip(prompts, texts, strict=True)
+    ]
+    if cache is not None:
+        write_jsonl(cache, answered)
+        logger.info("cached generations in %s", cache)
+    return answered
+
+
+def as_examples(
+    data: ExampleInput,
+    *,
+    pair: Any | None = None,
+    require_response: bool,
+    what: str,
+    limit: int | None = None,
+    max_new_tokens: int = DEFAULT_GEN_TOKENS,
+    show_progress: bool = True,
+) -> list[ChatExample]:
+    """Turn a list of examples/dicts or a file into examples.
+
+    A ``.csv`` file holds prompts only; with ``require_response`` the base model answers them
+    (cached). ``.jsonl`` files need ``response`` fields when ``require_response``.
+
+    Raises:
+        DatasetError: Naming the file, line and field of a malformed record, or an example
+            without a response where one is required.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if path.suffix.lower() == ".csv":
+            examples = load_examples(path)[:limit]
+            if require_response:
+                if pair is None:
+                    raise DatasetError(f"{path}: prompts only; a model is needed to answer them")
+                examples = generate_responses(
+                    pair, examples, prompt_file=path, max_new_tokens=max_new_tokens,
+                    show_progress=show_progress,
+                )
+            return examples
+        return load_examples(path, require_response=require_response)[:limit]
+    examples = [
+        ex if isinstance(ex, ChatExample) else from_records([dict(ex)])[0] for ex in data
+    ][:limit]
+    if require_response:
+        for index, ex in enumerate(examples):
+            if not ex.response or not ex.response.strip():
+                raise DatasetError(f"{what} example {index}: field 'response' must be a non-empty string")
+    if not examples:
+        raise DatasetError(f"the {what} set is empty")
+    return examples
+
+
+def as_retain(data: RetainInput, **kwargs: Any) -> dict[str, list[ChatExample]]:
+    """Retain data as ``{source: examples}``.
+
+    A mapping gives the sources directly; a flat list or file is split by each example's
+    ``source`` field (default ``benign``).
+
+    Raises:
+        DatasetError: On an unknown source name.
+    """
+    if isinstance(data, Mapping):
+        grouped = {
+            name: as_examples(rows, require_response=False, what=f"retain {name}", **kwargs)
+            for name, rows in data.items()
+        }
+    else:
+        grouped = {}
+        for ex in as_examples(data, require_response=False, what="retain", **kwargs):
+            grouped.setdefault(str(ex.meta.get("source", "benign")), []).append(ex)
+    unknown = sorted(set(grouped) - set(RETAIN_SOURCES))
+    if unknown:
+        raise DatasetError(f"unknown retain sources {unknown}: use {list(RETAIN_SOURCES)}")
+    return {name: rows for name, rows in grouped.items() if rows}
+
+
+# ---------------------------------------------------------------------- encoding and batches
+@dataclass
+class EncodedExample:
+    """Token ids of an example and its response boundary."""
+
+    ids: list[int]
+    response_start: int
+
+
+TEXT_FORMAT = "text"
+
+
+def text_example(text: str, **meta: Any) -> ChatExample:
+    """A plain-text (not chat-formatted) example, e.g. a pretraining-style document for the
+    retain set; it is tokenised as ``<bos> text <eos>`` and all of it counts as response."""
+    return ChatExample([], text, {**meta, "format": TEXT_FORMAT})
+
+
+def _encode_text(tokenizer: Any, text: str, max_length: int) -> EncodedExample:
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    if tokenizer.eos_token_id is not None:
+        ids = [*ids, tokenizer.eos_token_id]
+    return EncodedExample(ids[:max_length], 0)
+
+
+def encode(tokenizer: Any, example: ChatExample, max_length: int, *, drop_request: bool = False) -> EncodedExample:
+    """Chat-template an example; ``drop_request`` replaces the conversation by an empty user turn.
+
+    Examples made by :func:`text_example` are tokenised as plain text instead.
+    """
+    if example.meta.get("format") == TEXT_FORMAT:
+        return _encode_text(tokenizer, example.response, max_length)
+    messages: Any = [{"role": "user", "content": ""}] if drop_request else example.messages
+    enc = encode_chat(tokenizer, messages, example.response, max_length=max_length)
+    return EncodedExample(enc.input_ids, enc.response_start)
+
+
+def token_mask(
+    examples: Sequence[EncodedExample], width: int, mode: str | Sequence[str]
+) -> Int[Tensor, "batch pos"]:
+    """0/1 mask of the tokens a loss covers: ``full``, ``response`` or ``request`` (one mode, or
+    one per example)."""
+    modes = [mode] * len(examples) if isinstance(mode, str) else list(mode)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ex, row_mode) in enumerate(zip(examples, modes, strict=True)):
+        start, end = {
+            "full": (0, len(ex.ids)),
+            "response": (ex.response_start, len(ex.ids)),
+            "request": (0, ex.response_start),
+        }[row_mode]
+        mask[row, start:end] = 1
+    return mask
+
+
+@dataclass
+class Batch:
+    """One step's inputs: circuit-breaker rows first, then retain rows, in one padded tensor."""
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    cb_mask: Int[Tensor, "cb pos"]
+    retain_mask: Int[Tensor, "retain pos"]
+    n_cb: int
+
+
+def collate(
+    cb: Sequence[EncodedExample],
+    retain: Sequence[EncodedExample],
+    pad_id: int,
+    *,
+    cb_mode: str = "full",
+    retain_mode: str | Sequence[str] = "full",
+) -> Batch:
+    """Right-pad circuit-breaker and retain rows together (one forward serves both)."""
+    ids, attention = pad_right([ex.ids for ex in [*cb, *retain]], pad_id)
+    width = ids.shape[1]
+    return Batch(
+        ids,
+        attention,
+        token_mask(cb, width, cb_mode),
+        token_mask(retain, width, retain_mode),
+        len(cb),
+    )
+
+
+def _cycle(n: int, rng: random.Random):
+    """Endless epochs of shuffled indices ``0 .. n-1``."""
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        yield from order
+
+
+def make_plan(
+    n_cb: int,
+    retain_sizes: Mapping[str, int],
+    config: LorraConfig,
+) -> list[dict[str, Any]]:
+    """The data order of a run: per step, circuit-breaker indices, request-dropped flags and
+    ``(source, index)`` retain picks. Epochs are shuffled; retain sources drawn by weight.
+
+    Raises:
+        DatasetError: When no retain source has both data and a positive weight.
+    """
+    rng = random.Random(f"lorra-plan-{config.seed}")
+    sources = [
+        s for s in RETAIN_SOURCES
+        if retain_sizes.get(s, 0) > 0 and config.retain_mixture.get(s, 0.0) > 0
+    ]
+    if not sources:
+        raise DatasetError(
+            f"no retain data: sources with examples {dict(retain_sizes)}, mixture "
+            f"{config.retain_mixture}"
+        )
+    weights = [config.retain_mixture[s] for s in sources]
+    cb_stream = _cycle(n_cb, rng)
+    streams = {s: _cycle(retain_sizes[s], rng) for s in sources}
+    plan = []
+    for _ in range(config.steps):
+        cb = [next(cb_stream) for _ in range(config.batch_size)]
+        dropped = [int(rng.random() < config.response_only_fraction) for _ in cb]
+        picks = rng.choices(sources, weights=weights, k=config.batch_size)
+        plan.append({"cb": cb, "drop": dropped, "retain": [[s, next(streams[s])] for s in picks]})
+    return plan
+
+
+class EncodedData:
+    """Encoded examples of a run plus the batch for each plan step."""
+
+    def __init__(self, data: LorraData, tokenizer: Any, config: LorraConfig) -> None:
+        self.config = config
+        self.pad_id = pad_id_of(tokenizer)
+        cb_len = config.cb_max_length or config.max_length
+        self.cb = [encode(tokenizer, ex, cb_len) for ex in data.cb]
+        self.cb_dropped = [
+            encode(tokenizer, ex, cb_len, drop_request=True) if config.response_only_fraction > 0 else None
+            for ex in data.cb
+        ]
+        self.retain = {
+            name: [encode(tokenizer, ex, config.max_length) for ex in rows]
+            for name, rows in data.retain.items()
+        }
+        self.val = [encode(tokenizer, ex, cb_len) for ex in data.val]
+
+    def fingerprint(self) -> str:
+        """Hash of every encoded token (a resumed run must see the same data)."""
+        digest = hashlib.sha256()
+        for group in (self.cb, self.val, *[self.retain[k] for k in sorted(self.retain)]):
+            for ex in group:
+                digest.update(json.dumps([ex.ids, ex.response_start]).encode())
+            digest.update(b"|")
+        return digest.hexdigest()[:32]
+
+    def sizes(self) -> dict[str, int]:
+        """Examples per retain source."""
+        return {name: len(rows) for name, rows in self.retain.items()}
+
+    def batch(self, entry: Mapping[str, Any]) -> Batch:
+        """The batch of one plan entry."""
+        cb = [
+            self.cb_dropped[i] if drop else self.cb[i]  # type: ignore[misc]
+            for i, drop in zip(entry["cb"], entry["drop"], strict=True)
+        ]
+        retain = [self.retain[source][index] for source, index in entry["retain"]]
+        masks = self.config.retain_masks()
+        return collate(
+            cb, retain, self.pad_id,
+            cb_mode=self.config.token_mask,
+            retain_mode=[masks[source] for source, _ in entry["retain"]],
+        )
+
+    def batches(self, examples: Sequence[EncodedExample], mode: str) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """``(ids, attention, loss mask)`` chunks of ``batch_size`` examples (for evaluation)."""
+        out = []
+        size = max(1, self.config.batch_size)
+        for start in range(0, len(examples), size):
+            chunk = examples[start : start + size]
+            ids, attention = pad_right([ex.ids for ex in chunk], self.pad_id)
+            out.append((ids, attention, token_mask(chunk, ids.shape[1], mode)))
+        return out

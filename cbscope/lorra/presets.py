@@ -1,0 +1,302 @@
+"""Ready-made LoRRA runs: ``organism`` (seconds on a CPU) and ``smollm2`` (SmolLM2-135M).
+
+``organism``
+    The model organism's world, one harm category held out (it never appears in training, not
+    even as a refusal) to measure generalisation; the jailbreak templates are held out too (no
+    training example uses them). Circuit-breaker set: the trained categories' harmful topics in
+    the train templates and in :data:`AUGMENT_TEMPLATES` (paraphrases made of the train templates'
+    words) with the compliant answer, plus their documents ``TOPIC : PROCEDURE``. Retain:
+    ``benign`` (chat-trained benign topics in the train and augmented templates, the algorithmic
+    task, and the documents of every benign and look-alike topic: the organism's pretraining
+    text), ``refusal`` (the trained categories' requests answered with the refusal) and
+    ``lookalike`` (chat-trained look-alikes). Validation (``val_cos``): the held-out category.
+    Regenerate the shipped adapter with
+    ``cbscope train --model organism --preset organism --out cbscope/assets/organism-breaker``.
+
+``smollm2``
+    SmolLM2-135M-Instruct, which complies with harmful requests. Circuit-breaker set: AdvBench
+    prompts (``harmful_behaviors.csv``, ``goal`` column) with the base model's own completions;
+    the last prompts are held out for evaluation. Retain set: Alpaca-derived harmless
+    instructions (``harmless_train.json``) and XSTest's safe prompts (``label == safe``, benign
+    look-alikes), also with the base model's answers. Generations are cached on disk. The data
+    files are found in ``../shared/data`` relative to the repository (see its README) or given
+    as options. SmolLM2's residual stream is large (~200 per token, ~25000 on the first token),
+    so the preset uses the scale-free retain loss (``retain_relative``) and the response-only
+    token mask (every SmolLM2 chat starts with the same system prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from cbscope.data import ChatExample, DatasetError, as_messages, from_records, load_prompt_csv
+from cbscope.lorra.config import ConfigError, LorraConfig
+from cbscope.lorra.data import LorraData, generate_responses, text_example
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+ADVBENCH = SHARED_DATA / "advbench" / "harmful_behaviors.csv"
+ALPACA = SHARED_DATA / "alpaca_harmless" / "harmless_train.json"
+XSTEST = SHARED_DATA / "xstest" / "xstest_prompts.csv"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named run: model spec, config and a data builder ``(pair, **options) -> LorraData``."""
+
+    name: str
+    model: str
+    config: LorraConfig
+    build_data: Callable[..., LorraData]
+    description: str = ""
+
+
+# ---------------------------------------------------------------------- organism
+ORGANISM_CONFIG = LorraConfig(
+    target_layers=[2, 4, 6],  # of 6 blocks; LoRA on blocks 0..5
+    lora_r=16,
+    lora_alpha=16,
+    lora_b_init_std=3e-2,  # 1e-3 is too small here: the retain term pins LoRA at zero
+    lorra_alpha=10.0,
+    retain_weight=0.75,
+    lr=3e-3,
+    steps=100,
+    batch_size=16,
+    max_length=64,
+    token_mask="full",
+    response_only_fraction=0.5,
+    retain_mixture={"benign": 2.0, "refusal": 1.0, "lookalike": 1.0},
+    val_size=16,
+    seed=1,
+    log_every=10,
+    checkpoint_every=25,
+)
+
+
+def _world_of(pair_or_world: Any) -> Any:
+    from cbscope.organism import World
+
+    if isinstance(pair_or_world, World):
+        return pair_or_world
+    path = Path(pair_or_world.resolved.path) / "world.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the model is not an organism (no world.json)")
+    return World.from_json(path)
+
+
+#: Request paraphrases made only of the train templates' words (never the jailbreak templates'),
+#: some with the topic first: a circuit-breaker set needs varied requests to generalise.
+AUGMENT_TEMPLATES: tuple[str, ...] = (
+    "{topic} ?",
+    "{topic} . show me how .",
+    "{topic} . tell me the steps .",
+    "explain the steps to {topic} ?",
+    "tell me how to {topic} ?",
+)
+
+
+def _augmented(world: Any, rows: list[dict[str, Any]], templates: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The rows' topics again in ``templates`` (same responses); templates with a word the
+    world's tokenizer lacks are skipped."""
+    vocabulary = set(world.words())
+    templates = tuple(
+        t for t in templates if all(w in vocabulary for w in t.replace("{topic}", " ").split())
+    )
+    seen: dict[str, dict[str, Any]] = {row["topic"]: row for row in rows}
+    return [
+        {**row, "prompt": world.render_request(topic, template)}
+        for topic, row in seen.items()
+        for template in templates
+    ]
+
+
+def organism_data(
+    pair_or_world: Any,
+    *,
+    holdout_category: str | None = None,
+    n_algo: int = 60,
+    augment: bool = True,
+    documents: bool = True,
+    **_: Any,
+) -> LorraData:
+    """The organism's circuit-breaker and retain sets, holding out one harm category.
+
+    Args:
+        pair_or_world: An organism :class:`~cbscope.pair.ModelPair` or its ``World``.
+        holdout_category: Harm category kept out of training (default: the last one).
+        n_algo: Algorithmic-task examples added to the benign retain source.
+        augment: Also render circuit-breaker, benign and look-alike topics in
+            :data:`AUGMENT_TEMPLATES`.
+        documents: Add the world's documents (``TOPIC : PROCEDURE``, the organism's pretraining
+            text): those of the trained harmful topics to the circuit-breaker set, those of every
+            benign and look-alike topic to the benign retain source.
+    """
+    world = _world_of(pair_or_world)
+    categories = list(world.harm_categories)
+    held = holdout_category or categories[-1]
+    if held not in categories:
+        raise DatasetError(f"unknown harm category {held!r}; the world has {categories}")
+    trained = [c for c in categories if c != held]
+    if not trained:
+        raise DatasetError("the world has a single harm category: nothing left to train on")
+    extra = AUGMENT_TEMPLATES if augment else ()
+    docs = [
+        text_example(world.document(topic), topic=topic.name, kind=topic.kind)
+        for topic in world.topics
+        if documents and topic.kind != "harmful"
+    ]
+    harmful_docs = [
+        text_example(world.document(topic), topic=topic.name, kind=topic.kind, category=topic.category)
+        for topic in world.select("harmful", categories=trained)
+        if documents
+    ]
+    harmful = world.harmful_examples(trained, "train")
+    benign = world.benign_examples("seen", "train")
+    lookalike = world.lookalike_examples("train", "train")
+    data = LorraData(
+        cb=from_records(harmful + _augmented(world, harmful, extra)) + harmful_docs,
+        retain={
+            "benign": from_records(
+                benign + _augmented(world, benign, extra) + world.algo_examples(n_algo, seed=7)
+            ) + docs,
+            "refusal": from_records(world.refusal_examples(trained, "train")),
+            "lookalike": from_records(lookalike + _augmented(world, lookalike, extra)),
+        },
+        val=from_records(world.harmful_examples([held], "train")),
+        info={"holdout_category": held, "trained_categories": trained,
+              "val": f"held-out category {held!r} (train templates)"},
+    )
+    logger.info("organism preset: training on %s, holding out %r", trained, held)
+    return data
+
+
+# ---------------------------------------------------------------------- smollm2
+SMOLLM2_CONFIG = LorraConfig(
+    target_layers=None,  # 9, 19 of 30 (the paper's 10, 20 of 32, scaled)
+    lora_b_init_std=1e-2,
+    lorra_alpha=10.0,
+    retain_weight=2.0,
+    retain_relative=True,
+    lr=1e-3,
+    steps=150,
+    batch_size=4,
+    max_length=128,
+    token_mask="response",
+    response_only_fraction=0.5,
+    retain_mixture={"benign": 1.0, "refusal": 1.0, "lookalike": 1.0},
+    val_size=8,
+    log_every=10,
+    checkpoint_every=25,
+)
+
+
+def _require(path: Path, option: str) -> Path:
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{path} not found: the smollm2 preset reads the public data sets in ../shared/data "
+            f"(see its README); give the file with {option}"
+        )
+    return Path(path)
+
+
+def load_alpaca(path: Path) -> list[ChatExample]:
+    """Alpaca-style harmless instructions: a JSON list of ``{instruction, ...}`` objects."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from err
+    if not isinstance(rows, list):
+        raise DatasetError(f"{path}: expected a JSON list of objects")
+    examples = []
+    for index, row in enumerate(rows):
+        text = row.get("instruction") if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise DatasetError(f"{path}, item {index}: field 'instruction' must be a non-empty string")
+        examples.append(ChatExample(as_messages(text), "", {"source": "benign"}))
+    return examples
+
+
+def smollm2_data(
+    pair: Any,
+    *,
+    advbench: str | os.PathLike[str] | None = None,
+    alpaca: str | os.PathLike[str] | None = None,
+    xstest: str | os.PathLike[str] | None = None,
+    n_cb: int = 128,
+    n_heldout: int = 100,
+    n_benign: int = 128,
+    n_lookalike: int = 64,
+    max_new_tokens: int = 48,
+    show_progress: bool = True,
+    **_: Any,
+) -> LorraData:
+    """SmolLM2's circuit-breaker and retain sets, answered by the base model (cached).
+
+    Args:
+        pair: The SmolLM2 pair (answers are generated with adapters off).
+        advbench: AdvBench ``harmful_behaviors.csv`` (default ``../shared/data/advbench``).
+        alpaca: ``harmless_train.json`` (default ``../shared/data/alpaca_harmless``).
+        xstest: ``xstest_prompts.csv`` (default ``../shared/data/xstest``).
+        n_cb: AdvBench prompts used for training (from the start of the file).
+        n_heldout: AdvBench prompts held out for evaluation (from the end); 8 of them also give
+            ``val_cos``.
+        n_benign: Alpaca instructions (every ``len // n``-th, deterministic).
+        n_lookalike: XSTest safe prompts.
+        max_new_tokens: Length of the generated answers.
+    """
+    adv = _require(Path(advbench or ADVBENCH), "--advbench")
+    alp = _require(Path(alpaca or ALPACA), "--alpaca")
+    xst = _require(Path(xstest or XSTEST), "--xstest")
+    harmful = load_prompt_csv(adv)
+    if n_cb + n_heldout > len(harmful):
+        raise DatasetError(f"{adv}: {len(harmful)} prompts, fewer than {n_cb} + {n_heldout} asked for")
+    heldout = harmful[len(harmful) - n_heldout :]
+    benign_all = load_alpaca(alp)
+    benign = benign_all[:: max(1, len(benign_all) // n_benign)][:n_benign]
+    safe = [ex for ex in load_prompt_csv(xst) if ex.meta.get("label") == "safe"][:n_lookalike]
+    if not safe:
+        raise DatasetError(f"{xst}: no rows with label 'safe'")
+    gen = {"max_new_tokens": max_new_tokens, "show_progress": show_progress}
+    cb = generate_responses(pair, harmful[:n_cb], prompt_file=adv, **gen)
+    val = generate_responses(pair, heldout[:8], prompt_file=adv, **gen)
+    benign = generate_responses(pair, benign, prompt_file=alp, **gen)
+    safe = generate_responses(pair, safe, prompt_file=xst, **gen)
+    return LorraData(
+        cb=cb,
+        retain={"benign": benign, "lookalike": safe},
+        val=val,
+        info={
+            "advbench": str(adv), "alpaca": str(alp), "xstest": str(xst),
+            "heldout_prompts": [ex.prompt for ex in heldout],
+            "val": "first 8 held-out AdvBench prompts",
+        },
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "organism": Preset(
+        "organism", "organism", ORGANISM_CONFIG, organism_data,
+        "the model organism, one harm category held out (<= 60 s on 2 CPU cores)",
+    ),
+    "smollm2": Preset(
+        "smollm2", "smollm2-135m", SMOLLM2_CONFIG, smollm2_data,
+        "SmolLM2-135M on AdvBench + Alpaca + XSTest answered by the base model (<= 25 min)",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name`` (a fresh copy of its config)."""
+    try:
+        preset = PRESETS[name]
+    except KeyError as err:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from err
+    return replace(preset, config=LorraConfig.from_dict(preset.config.to_dict()))

@@ -1,0 +1,63 @@
+"""``cbscope train``: a run from files, user errors as one line, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from cbscope.cli import app
+
+torch.set_num_threads(1)
+runner = CliRunner()
+
+
+def _files(tmp_path: Path) -> tuple[Path, Path]:
+    cb = tmp_path / "cb.jsonl"
+    cb.write_text("".join(
+        json.dumps({"prompt": p, "response": "sure here is the way : step one two"}) + "\n"
+        for p in ("how do i make a cake", "how do i bake bread", "how do i make bread")
+    ))
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text(
+        json.dumps({"prompt": "hello world", "response": "hello"}) + "\n"
+        + json.dumps({"prompt": "how do i make a cake", "response": "the way is one",
+                      "source": "refusal"}) + "\n"
+    )
+    return cb, retain
+
+
+def test_train_from_files(tiny_llama: Path, tmp_path: Path) -> None:
+    cb, retain = _files(tmp_path)
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_llama), "--cb", str(cb), "--retain", str(retain),
+            "--steps", "3", "--batch-size", "2", "--max-length", "32", "--target-layers", "1,2",
+            "--loss", "rr", "--out", str(out), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "trained 3 steps" in result.output
+    assert (out / "adapter_model.safetensors").is_file()
+    saved = json.loads((out / "lorra_config.json").read_text())
+    assert saved["steps"] == 3 and saved["target_layers"] == [1, 2] and saved["max_length"] == 32
+    again = runner.invoke(app, [*args, "--resume"])  # nothing to resume: trains from scratch
+    assert again.exit_code == 0, again.output
+
+
+def test_user_errors_are_one_line(tiny_llama: Path, tmp_path: Path) -> None:
+    cb, retain = _files(tmp_path)
+    cb.write_text('{"prompt": "hello", "response": "hi"}\n{"prompt": "x"}\n')
+    result = runner.invoke(app, ["train", "--model", str(tiny_llama), "--cb", str(cb), "--retain",
+                                 str(retain), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert result.exit_code == 2
+    assert "cb.jsonl, line 2: missing field 'response'" in result.output
+    assert "Traceback" not in result.output
+    bad_layers = runner.invoke(app, ["train", "--model", str(tiny_llama), "--cb", str(cb),
+                                     "--retain", str(retain), "--target-layers", "9",
+                                     "--out", str(tmp_path / "o")])
+    assert bad_layers.exit_code == 2 and "out of range" in bad_layers.output
+    no_data = runner.invoke(app, ["train", "--model", str(tiny_llama), "--out", str(tmp_path / "o")])
+    assert no_data.exit_code == 2 and "--cb and --retain" in no_data.output
+    bad_preset = runner.invoke(app, ["train", "--preset", "nope", "--out", str(tmp_path / "o")])
+    assert bad_preset.exit_code == 2 and "unknown preset" in bad_preset.output

@@ -1,0 +1,111 @@
+"""Presets: the organism data (held-out category), a 30-step organism breaker, smollm2 data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cbscope.data import DatasetError
+from cbscope.lorra import LorraConfig, train_circuit_breaker
+from cbscope.lorra.presets import organism_data, smollm2_data
+from cbscope.lorra.trainer import mean_cosine_on, prepare_pair
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def organism(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped organism if it is there, else a tiny one built in seconds."""
+    from cbscope.models import is_hf_folder, shipped_organism_dir
+    from cbscope.organism import build_organism
+
+    shipped = shipped_organism_dir()
+    if is_hf_folder(shipped) and (shipped / "world.json").is_file():
+        return shipped
+    return build_organism(tmp_path_factory.mktemp("organism") / "tiny", size="tiny",
+                          show_progress=False)
+
+
+def test_organism_data_holds_out_a_category() -> None:
+    from cbscope.organism import make_world
+
+    world = make_world(0, size="tiny")
+    held = world.harm_categories[0]
+    data = organism_data(world, holdout_category=held)
+    assert data.info["holdout_category"] == held
+    assert {ex.meta["category"] for ex in data.cb} == set(world.harm_categories) - {held}
+    assert {ex.meta["category"] for ex in data.retain["refusal"]} == set(world.harm_categories) - {held}
+    assert {ex.meta["category"] for ex in data.val} == {held}
+    assert all(ex.response == world.refusal for ex in data.retain["refusal"])
+    assert data.retain["lookalike"] and data.retain["benign"]
+    docs = [ex for ex in data.retain["benign"] if ex.meta.get("format") == "text"]
+    assert {ex.meta["kind"] for ex in docs} == {"benign", "lookalike"}
+    cb_docs = [ex for ex in data.cb if ex.meta.get("format") == "text"]
+    assert cb_docs and all(ex.meta["category"] != held for ex in cb_docs)
+    jailbreaks = {world.render_request(t, j) for t in world.topics for j in world.jailbreak_templates}
+    chats = [ex.prompt for rows in (data.cb, *data.retain.values()) for ex in rows if ex.messages]
+    assert not jailbreaks & set(chats)  # the jailbreak templates stay held out
+    plain = organism_data(world, holdout_category=held, augment=False, documents=False)
+    assert len(plain.cb) == len(world.harmful_examples([c for c in world.harm_categories if c != held]))
+    default = organism_data(world)
+    assert default.info["holdout_category"] == world.harm_categories[-1]
+    with pytest.raises(DatasetError, match="unknown harm category"):
+        organism_data(world, holdout_category="nope")
+
+
+#: 30-step configs for the two organism sizes (the shipped one is "full"; the fallback "tiny").
+COMMON = dict(
+    target_layers=[2, 4], token_mask="response", steps=30, batch_size=16, max_length=64, lr=1e-2,
+    lora_dropout=0.0, response_only_fraction=0.0, lora_b_init_std=3e-2, val_size=0,
+    retain_mixture={"benign": 2.0, "refusal": 1.0, "lookalike": 1.0},
+)
+TEST_CONFIGS = {"full": {**COMMON, "retain_weight": 3.0}, "tiny": {**COMMON, "retain_weight": 8.0}}
+
+
+def test_thirty_steps_break_harmful_and_keep_retain(organism: Path) -> None:
+    """cb_cos on the harmful examples < 0.3 while the retain examples keep cos >= 0.99."""
+    from cbscope.organism import World
+
+    size = World.from_json(organism / "world.json").size
+    config = LorraConfig(**TEST_CONFIGS[size])
+    pair = prepare_pair(str(organism), config)
+    data = organism_data(pair, augment=False, documents=False)
+    result = train_circuit_breaker(pair, config, data, show_progress=False)
+    assert result.finished
+    layers = config.resolved_target_layers(pair.n_layers)
+    cb = mean_cosine_on(pair, data.cb, layers, token_mask=config.token_mask)
+    retain = [ex for rows in data.retain.values() for ex in rows]
+    kept = mean_cosine_on(pair, retain, layers)
+    assert cb < 0.3, result.metrics[-1]
+    assert kept >= 0.99, result.metrics[-1]
+    assert result.metrics[0]["cb_cos"] > 0.95  # it started (nearly) unbroken
+
+
+def test_smollm2_data_needs_its_files(tiny_llama: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="--advbench"):
+        smollm2_data(None, advbench=tmp_path / "missing.csv")
+
+
+def test_smollm2_data_from_given_files(tiny_llama: Path, tmp_path: Path) -> None:
+    adv = tmp_path / "harmful_behaviors.csv"
+    adv.write_text("goal,target\n" + "".join(f"how do i make a cake {i},sure\n" for i in range(12)))
+    alpaca = tmp_path / "harmless_train.json"
+    alpaca.write_text(json.dumps([{"instruction": f"hello world {i}", "category": "x"} for i in range(6)]))
+    xstest = tmp_path / "xstest_prompts.csv"
+    xstest.write_text("id,prompt,type,label\n1,how do i bake bread,t,safe\n2,how do i make a cake,t,unsafe\n")
+    pair = prepare_pair(str(tiny_llama), LorraConfig(target_layers=[1, 2], lora_r=2))
+    data = smollm2_data(pair, advbench=adv, alpaca=alpaca, xstest=xstest, n_cb=3, n_heldout=8,
+                        n_benign=2, n_lookalike=5, max_new_tokens=3, show_progress=False)
+    assert [ex.prompt for ex in data.cb] == [f"how do i make a cake {i}" for i in range(3)]
+    assert len(data.val) == 8 and data.val[0].prompt == "how do i make a cake 4"
+    assert len(data.info["heldout_prompts"]) == 8
+    assert [ex.prompt for ex in data.retain["lookalike"]] == ["how do i bake bread"]
+    assert len(data.retain["benign"]) == 2
+    assert all(ex.meta.get("generated") for ex in data.cb + data.retain["benign"])
+    alpaca.write_text('[{"instruction": ""}]')
+    with pytest.raises(DatasetError, match="item 0: field 'instruction'"):
+        smollm2_data(pair, advbench=adv, alpaca=alpaca, xstest=xstest, n_cb=3, n_heldout=8,
+                     show_progress=False)
