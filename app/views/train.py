@@ -38,6 +38,16 @@ def _plan(sel: state.Selection) -> tuple[str, Any, str]:
         "refusal or lookalike)")
 
 
+def _model_depth(sel: state.Selection) -> int | None:
+    """Number of blocks of the chosen model, read from its config.json (None if unknown)."""
+    import json
+
+    config = Path(sel.model_path) / "config.json" if sel.model_path else None
+    if config is None or not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("num_hidden_layers")
+
+
 def _upload(label: str, key: str) -> Any:
     uploaded = st.file_uploader(label, key=key)
     if uploaded is None:
@@ -107,9 +117,13 @@ def render(sel: state.Selection) -> None:
     steps = int(col2.number_input("Steps", 1, 2000, int(base.steps), key="train_steps"))
     lr = float(col3.number_input("Learning rate", 1e-6, 1e-1, float(base.lr), step=1e-4, format="%.1e",
                                  key="train_lr"))
+    preset_layers = base.target_layers or []
+    depth = _model_depth(sel)
+    if depth is not None and any(layer > depth for layer in preset_layers):
+        preset_layers = []  # a smaller model than the preset's: use the scaled default
     layers_text = st.text_input(
         "Target layers (paper convention, e.g. 2,4; empty: the default)",
-        ",".join(map(str, base.target_layers or [])), key="train_layers")
+        ",".join(map(str, preset_layers)), key="train_layers")
 
     out = state.breakers_dir() / name
     replace = False

@@ -123,6 +123,9 @@ def prepare_pair(pair_or_spec: Any, config: LorraConfig, *, device: str | torch.
     is used as is (training continues from its weights); any other pair only names the base model,
     which is loaded again (the given pair is left untouched).
     """
+    from transformers import AutoConfig
+
+    from cbscope.models import resolve_model
     from cbscope.pair import ModelPair, load_pair
 
     if isinstance(pair_or_spec, ModelPair):
@@ -132,11 +135,7 @@ def prepare_pair(pair_or_spec: Any, config: LorraConfig, *, device: str | torch.
     else:
         spec = pair_or_spec
     torch.manual_seed(config.seed)
-    from cbscope.models import resolve_model
-
     resolved = spec if not isinstance(spec, (str, os.PathLike)) else resolve_model(spec)
-    from transformers import AutoConfig
-
     n_layers = int(AutoConfig.from_pretrained(str(resolved.path)).num_hidden_layers)
     pair = load_pair(resolved, lora_config=config.lora_config(n_layers), device=device, dtype=config.dtype)
     pair.peft_model.eval()  # fresh LoRA dropout modules start in training mode
