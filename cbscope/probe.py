@@ -22,7 +22,6 @@ Scores are probabilities (sigmoid of the logit). A probe saves to ``<stem>.safet
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -33,12 +32,12 @@ from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from cbscope.data import ChatExample, Conversation, encode_chat, pad_id_of, pad_right
 from cbscope.layers import validate_layers
+from cbscope.sidecar import read_sidecar, write_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -206,18 +205,14 @@ class HarmProbe:
     # ------------------------------------------------------------------ io
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``<stem>.safetensors`` and ``<stem>.json``; returns the JSON path."""
-        json_path, tensor_path = _probe_paths(path)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             "weight": self.weight.float().contiguous(),
             "bias": self.bias.float().reshape(1).contiguous(),
             "mean": self.mean.float().contiguous(),
             "std": self.std.float().contiguous(),
         }
-        save_file(tensors, str(tensor_path), metadata={"format": "cbscope-probe"})
         meta = {
             "format_version": PROBE_FORMAT_VERSION,
-            "tensors": tensor_path.name,
             "layer": self.layer,
             "threshold": self.threshold,
             "fpr": self.fpr,
@@ -226,20 +221,12 @@ class HarmProbe:
             "model_name": self.model_name,
             "metrics": self.metrics,
         }
-        json_path.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        return json_path
+        return write_sidecar(path, tensors, meta, kind="probe", indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> HarmProbe:
         """Load a probe written by :meth:`save`."""
-        json_path, tensor_path = _probe_paths(path)
-        if not json_path.is_file():
-            raise FileNotFoundError(f"{json_path}: no such probe file")
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-        tensor_path = json_path.with_name(meta.get("tensors", tensor_path.name))
-        if not tensor_path.is_file():
-            raise FileNotFoundError(f"{tensor_path}: the probe's weights are missing")
-        tensors = load_file(str(tensor_path))
+        tensors, meta = read_sidecar(path, kind="probe")
         return cls(
             layer=int(meta["layer"]),
             weight=tensors["weight"],
@@ -253,12 +240,6 @@ class HarmProbe:
             model_name=meta.get("model_name", ""),
             metrics=meta.get("metrics", {}),
         )
-
-
-def _probe_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
-    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
 
 
 def fit_logistic(

@@ -22,7 +22,6 @@ Positions are token indices into the chat-formatted sequence (request, then resp
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -35,7 +34,6 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -48,6 +46,7 @@ from cbscope.data import (
     pad_right,
 )
 from cbscope.layers import LayerError, validate_layers
+from cbscope.sidecar import read_sidecar, write_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -357,18 +356,14 @@ class CosineTrace:
         Returns:
             The JSON path.
         """
-        json_path, tensor_path = _trace_paths(path)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             "cos": self.cos.float().contiguous(),
             "norm_orig": self.norm_orig.float().contiguous(),
             "norm_cb": self.norm_cb.float().contiguous(),
             "mask": self.mask.bool().contiguous(),
         }
-        save_file(tensors, str(tensor_path), metadata={"format": "cbscope-trace"})
         meta = {
             "format_version": TRACE_FORMAT_VERSION,
-            "tensors": tensor_path.name,
             "layers": self.layers,
             "tokens": self.tokens,
             "token_ids": self.token_ids,
@@ -379,20 +374,12 @@ class CosineTrace:
             "responses": self.responses,
             "model_name": self.model_name,
         }
-        json_path.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        return json_path
+        return write_sidecar(path, tensors, meta, kind="trace")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CosineTrace:
         """Load a trace written by :meth:`save` (give the ``.json`` or ``.safetensors`` path)."""
-        json_path, tensor_path = _trace_paths(path)
-        if not json_path.is_file():
-            raise FileNotFoundError(f"{json_path}: no such trace file")
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-        tensor_path = json_path.with_name(meta.get("tensors", tensor_path.name))
-        if not tensor_path.is_file():
-            raise FileNotFoundError(f"{tensor_path}: the trace's tensors are missing")
-        tensors = load_file(str(tensor_path))
+        tensors, meta = read_sidecar(path, kind="trace")
         return cls(
             cos=tensors["cos"],
             norm_orig=tensors["norm_orig"],
@@ -408,12 +395,6 @@ class CosineTrace:
             model_name=meta["model_name"],
             token_ids=meta.get("token_ids", []),
         )
-
-
-def _trace_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
-    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
 
 
 # ---------------------------------------------------------------------- computation
