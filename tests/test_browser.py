@@ -97,7 +97,7 @@ def test_browser_prompt_to_figure(tiny_organism: Path, breaker: Path, tmp_path: 
                 prompt = page.get_by_label("Prompt (the user's request)")
                 prompt.wait_for()
                 prompt.fill(prompt_text)
-                page.get_by_role("button", name="Trace").click()
+                page.get_by_role("button", name="Trace", exact=True).click()
                 page.wait_for_function(
                     "text => [...document.querySelectorAll('.js-plotly-plot .xtick text')]"
                     ".some(t => t.textContent === text)", arg=last_word)
