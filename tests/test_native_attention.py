@@ -1,0 +1,73 @@
+"""The bridge's native-attention fast path equals its hooked re-implementation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from cbscope.pair import ModelPair, load_pair
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_llama: Path) -> ModelPair:
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False)
+    return load_pair(tiny_llama, lora_config=config)
+
+
+def batch(pair: ModelPair) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, pair.model.config.vocab_size, (4, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[:2, -4:] = 0  # right padding
+    return ids, mask
+
+
+def pattern_hooks(pair: ModelPair, calls: list[str]) -> list:
+    return [(f"blocks.{b}.attn.hook_pattern", lambda _t, hook: calls.append(hook.name))
+            for b in range(pair.n_layers)]
+
+
+def test_fast_path_is_installed_and_skips_the_hooked_reimplementation(pair: ModelPair) -> None:
+    attention = pair.bridge.blocks[0].attn
+    assert "forward" in vars(attention)
+    assert attention.original_component.config._attn_implementation == "sdpa"
+    assert pair.bridge.original_model.config._attn_implementation == "eager"
+    calls: list[str] = []
+    ids, mask = batch(pair)
+    pair.resid(ids, mask, [1, 2, 3])
+    assert calls == []
+    with pair.bridge.hooks(fwd_hooks=pattern_hooks(pair, calls)):
+        pair.resid(ids, mask, [1, 2, 3])
+    assert sorted(calls) == [f"blocks.{b}.attn.hook_pattern" for b in range(pair.n_layers)]
+
+
+def test_native_and_hooked_paths_agree_with_padding_and_gradients(pair: ModelPair) -> None:
+    ids, mask = batch(pair)
+    real = mask.bool()
+    results = []
+    for hooked in (False, True):
+        pair.model.zero_grad(set_to_none=True)
+        pair.bridge.zero_grad(set_to_none=True)
+        hooks = pattern_hooks(pair, []) if hooked else []
+        with pair.bridge.hooks(fwd_hooks=hooks):
+            resid = pair.resid(ids, mask, [1, 2, 3])
+            resid[:, real].pow(2).mean().backward()
+        grads = [p.grad.clone() for p in pair.lora_parameters()]
+        results.append((resid.detach(), grads))
+    (native, native_grads), (eager, eager_grads) = results
+    torch.testing.assert_close(native[:, real], eager[:, real], atol=1e-5, rtol=1e-5)
+    for a, b in zip(native_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_run_with_cache_still_sees_attention_patterns(pair: ModelPair) -> None:
+    ids, _ = batch(pair)
+    _, cache = pair.bridge.run_with_cache(ids[:1, :6])
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    assert pattern.shape[-2:] == (6, 6)
+    torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
