@@ -38,8 +38,9 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from cbscope import native_attention
 from cbscope.layers import resid_hook_name, validate_layers
-from cbscope.models import ResolvedModel, parse_dtype, resolve_model
+from cbscope.models import ORGANISM_SPEC, SMOLLM2_SPEC, ResolvedModel, parse_dtype, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class ModelPair:
     adapter_path: Path | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    _lora_cache: tuple[tuple[str, ...], list[Any]] | None = field(default=None, init=False, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -107,10 +109,17 @@ class ModelPair:
         return self.peft_model if self.peft_model is not None else self.model
 
     def _lora_layers(self) -> list[Any]:
+        """Every LoRA layer in both module trees, found once (walking thousands of modules on
+        each ``original()`` call showed up in the per-step overhead); refreshed if peft's
+        adapter set changes."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        modules = {id(m): m for tree in (self.model, self.bridge) for m in tree.modules()}
-        return [m for m in modules.values() if isinstance(m, BaseTunerLayer)]
+        key = tuple(self.peft_model.peft_config) if self.peft_model is not None else ()
+        if self._lora_cache is None or self._lora_cache[0] != key:
+            modules = {id(m): m for tree in (self.model, self.bridge) for m in tree.modules()}
+            layers = [m for m in modules.values() if isinstance(m, BaseTunerLayer)]
+            self._lora_cache = (key, layers)
+        return self._lora_cache[1]
 
     @contextlib.contextmanager
     def original(self) -> Iterator[ModelPair]:
@@ -128,6 +137,25 @@ class ModelPair:
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         """The trainable LoRA parameters (empty without an adapter)."""
         return [p for name, p in self.model.named_parameters() if "lora_" in name]
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute decoder-block activations in the backward pass of bridge forwards.
+
+        Uses transformers' non-reentrant checkpointing (the reentrant kind passes no gradient to
+        LoRA weights when the block inputs, frozen embeddings, need none) on the bridged copy;
+        it only acts in training mode with gradients enabled. ``generate`` is unaffected.
+        """
+        hf_model = self.bridge.original_model
+        kwargs = {"use_reentrant": False}
+        if hasattr(hf_model, "activation_checkpointing_enable"):  # transformers >= 5.x names
+            if enabled:
+                hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                hf_model.activation_checkpointing_disable()
+        elif enabled:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            hf_model.gradient_checkpointing_disable()
 
     def resid(
         self,
@@ -193,11 +221,14 @@ class ModelPair:
             raise RuntimeError("the adapter has no weights to save")
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         peft_config = self.peft_model.peft_config["default"]
-        peft_config.base_model_name_or_path = str(self.resolved.path)
+        # A built-in spec resolves anywhere; a machine-local path would leak into shared adapters.
+        builtin = self.resolved.spec in (ORGANISM_SPEC, SMOLLM2_SPEC)
+        base = self.resolved.spec if builtin else str(self.resolved.path)
+        peft_config.base_model_name_or_path = base
         peft_config.save_pretrained(str(tmp))
         meta = {
             "base_model": self.resolved.spec,
-            "base_model_path": str(self.resolved.path),
+            "base_model_path": base,
             "fingerprint": model_fingerprint(self.model.config),
             **(extra or {}),
         }
@@ -260,16 +291,29 @@ def _verify_loaded_adapter(adapter_dir: Path, peft_model: Any) -> None:
 
 
 def load_hf_model(
-    resolved: ResolvedModel, *, device: torch.device, dtype: torch.dtype
+    resolved: ResolvedModel,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | str,
+    device_map: str | dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
-    """Load a resolved model folder with transformers (offline, no remote code)."""
+    """Load a resolved model folder with transformers (offline, no remote code).
+
+    ``dtype="auto"`` keeps the checkpoint's own dtype; with ``device_map`` accelerate places
+    the weights (``device`` is then not used).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype)
-    model.to(device)
+    if device_map is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(resolved.path), dtype=dtype, device_map=device_map
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype)
+        model.to(device)
     model.eval()
     return model, tokenizer
 
@@ -281,6 +325,8 @@ def load_pair(
     lora_config: Any | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = "float32",
+    device_map: str | dict[str, Any] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> ModelPair:
     """Load a model spec, optionally with a LoRA adapter, and bridge it for hook points.
 
@@ -290,7 +336,14 @@ def load_pair(
         lora_config: A :class:`peft.LoraConfig` for a fresh, trainable adapter (instead of
             ``adapter``); used by the trainer.
         device: Torch device.
-        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, a torch dtype, or ``"auto"`` (the
+            checkpoint's own dtype).
+        device_map: For inference on models larger than one device: a transformers/accelerate
+            device map (``"auto"``, ``"balanced"``, a dict) that spreads the layers over the
+            visible GPUs (and the CPU); ``device`` is then ignored and ``pair.device`` is the
+            device of the input embeddings. Not for training (use ``accelerate launch``).
+        gradient_checkpointing: Recompute block activations in the backward pass
+            (:meth:`ModelPair.set_gradient_checkpointing`).
 
     Raises:
         ModelSpecError: If the spec cannot be resolved.
@@ -303,8 +356,18 @@ def load_pair(
         raise ValueError("give either an adapter folder or a fresh lora_config, not both")
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
     torch_device = torch.device(device)
-    torch_dtype = parse_dtype(dtype)
-    model, tokenizer = load_hf_model(resolved, device=torch_device, dtype=torch_dtype)
+    auto_dtype = isinstance(dtype, str) and dtype.lower() == "auto"
+    torch_dtype = parse_dtype(None if auto_dtype else dtype)
+    model, tokenizer = load_hf_model(
+        resolved,
+        device=torch_device,
+        dtype="auto" if auto_dtype else torch_dtype,
+        device_map=device_map,
+    )
+    if auto_dtype:
+        torch_dtype = model.dtype
+    if device_map is not None:
+        torch_device = model.get_input_embeddings().weight.device
 
     peft_model = None
     adapter_path = None
@@ -324,18 +387,20 @@ def load_pair(
     elif lora_config is not None:
         peft_model = get_peft_model(model, lora_config)
     if peft_model is not None:
-        peft_model.to(torch_device)
+        if device_map is None:
+            peft_model.to(torch_device)
         model = peft_model.base_model.model
 
     bridge = TransformerBridge.boot_transformers(
         str(resolved.path),
         hf_model=shared_weight_copy(model),
         tokenizer=tokenizer,
-        device=torch_device,
+        device=None if device_map is not None else torch_device,
         dtype=torch_dtype,
     )
     bridge.eval()
-    return ModelPair(
+    native_attention.install(bridge)
+    pair = ModelPair(
         model=model,
         tokenizer=tokenizer,
         bridge=bridge,
@@ -345,3 +410,6 @@ def load_pair(
         device=torch_device,
         dtype=torch_dtype,
     )
+    if gradient_checkpointing:
+        pair.set_gradient_checkpointing(True)
+    return pair

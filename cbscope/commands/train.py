@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -38,13 +39,20 @@ def train(
     resume: bool = typer.Option(False, help="Continue from the last checkpoint in --out."),
     merge: bool = typer.Option(False, help="Also write a merged HF model to OUT/merged."),
     keep_checkpoints: bool = typer.Option(False, help="Keep OUT/checkpoints after the run."),
-    device: str = typer.Option("cpu", help="Torch device."),
+    dtype: str | None = typer.Option(None, help="Model dtype: float32 | bfloat16 | float16 | auto (the checkpoint's own); default: the config's (float32)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute block activations in the backward pass (less memory, ~1 extra forward)."),
+    device: str = typer.Option("cpu", help="Torch device ('cuda' under accelerate launch: each process's own GPU)."),
     threads: int = typer.Option(1, help="Torch threads (0: torch's default)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Train a circuit breaker with LoRRA (Representation Rerouting) and save it as a peft adapter."""
+    """Train a circuit breaker with LoRRA (Representation Rerouting) and save it as a peft adapter.
+
+    Multi-GPU / multi-process: ``accelerate launch --num_processes N -m cbscope train ...
+    --device cuda`` (``--cpu`` for CPU processes); each process trains on 1/N of every batch.
+    """
     from cbscope.layers import parse_layers
     from cbscope.lorra import ConfigError, LorraConfig, NonFiniteLossError, ResumeError, get_preset
+    from cbscope.lorra.distributed import distributed_context
     from cbscope.lorra.trainer import prepare_pair, train_circuit_breaker
 
     set_threads(threads)
@@ -55,6 +63,7 @@ def train(
         overrides = {
             "steps": steps, "batch_size": batch_size, "max_length": max_length, "loss": loss,
             "lr": lr, "lorra_alpha": lorra_alpha, "token_mask": token_mask, "seed": seed,
+            "dtype": dtype,
             "target_layers": parse_layers(target_layers) if target_layers else None,
         }
         for key, value in overrides.items():
@@ -63,17 +72,23 @@ def train(
         if max_length is not None:
             cfg.cb_max_length = None
         cfg.keep_checkpoints = keep_checkpoints
+        if gradient_checkpointing:
+            cfg.gradient_checkpointing = True
         cfg.validate()
         spec = model or (chosen.model if chosen else None)
         if spec is None:
             raise ConfigError("give --model or --preset")
         if chosen is None and (cb is None or retain is None):
             raise ConfigError("without --preset, give --cb and --retain")
+        ctx = distributed_context()
+        main = ctx is None or ctx.is_main
         pair = prepare_pair(spec, cfg, device=device)
         if chosen is not None and cb is None:
             options = {"holdout_category": holdout_category, "advbench": advbench,
-                       "alpaca": alpaca, "xstest": xstest, "show_progress": progress}
-            data = chosen.build_data(pair, **{k: v for k, v in options.items() if v is not None})
+                       "alpaca": alpaca, "xstest": xstest, "show_progress": progress and main}
+            # rank 0 first: it writes the generation cache the other processes then read
+            with ctx.main_first() if ctx is not None else contextlib.nullcontext():
+                data = chosen.build_data(pair, **{k: v for k, v in options.items() if v is not None})
             result = train_circuit_breaker(pair, cfg, data, out_dir=out, resume=resume, merge=merge,
                                            show_progress=progress)
         else:
@@ -81,6 +96,8 @@ def train(
                                            resume=resume, merge=merge, show_progress=progress)
     except (*USER_ERRORS, ConfigError, ResumeError, NonFiniteLossError) as err:
         raise fail(err) from err
+    if not main:
+        return
     final = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.final.items()}
     typer.echo(json.dumps(final))
     held = result.info.get("holdout_category")

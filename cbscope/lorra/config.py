@@ -14,6 +14,7 @@ from typing import Any
 
 from cbscope.layers import LayerError, default_target_layers, validate_layers
 from cbscope.lorra.losses import LOSSES
+from cbscope.models import DTYPES
 
 CONFIG_FILE = "lorra_config.json"
 TOKEN_MASKS = ("full", "response", "request")
@@ -44,7 +45,9 @@ class LorraConfig:
         lora_b_init_std: Std of the normal init of LoRA ``B``. peft zero-initialises ``B``, so
             the adapted model starts *equal* to the frozen one: the cosine is at its maximum,
             its gradient is exactly zero in fp32 and RR never moves. A small random ``B`` (1e-3)
-            breaks the tie; ``0`` keeps peft's init.
+            breaks the tie; ``0`` keeps peft's init. Small models need more: the retain loss's
+            gradient has a constant size near zero while the cosine's vanishes, so with 1e-3 the
+            retain term pins the adapter at zero (the presets use 1e-2 / 3e-2).
         lorra_alpha: ``alpha`` of the schedule ``c_s = alpha (1 - t/2T)``, ``c_r = alpha t/2T``
             (paper: 10 for Llama-3, 5 for Mistral).
         retain_weight: Extra factor on ``c_r`` (1 in the official code). The L2 retain term is in
@@ -84,7 +87,15 @@ class LorraConfig:
         log_every: Write a ``metrics.jsonl`` line (and compute ``val_cos``) every N steps.
         checkpoint_every: Write a resumable checkpoint every K steps (``0``: never).
         keep_checkpoints: Keep the checkpoints folder after a successful run.
-        dtype: Model dtype (``"float32"``).
+        dtype: Model dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"``, or ``"auto"``
+            (the dtype the checkpoint was saved in, e.g. bf16 for most 7-8B models). The LoRA
+            weights, AdamW state and representations take the same dtype; the losses and
+            cosines are computed in float32 (see :mod:`cbscope.lorra.losses`).
+        gradient_checkpointing: Recompute each decoder block's activations in the backward pass
+            instead of storing them (transformers' non-reentrant checkpointing on the bridged
+            copy of the model): much less activation memory for about one extra forward of
+            compute; the gradients are the same up to float error. Does not change the math, so
+            a checkpoint made with it off can be resumed with it on.
     """
 
     target_layers: list[int] | None = None
@@ -119,6 +130,7 @@ class LorraConfig:
     checkpoint_every: int = 50
     keep_checkpoints: bool = False
     dtype: str = "float32"
+    gradient_checkpointing: bool = False
 
     def validate(self) -> LorraConfig:
         """Check value ranges and choices; returns ``self``.
@@ -146,6 +158,10 @@ class LorraConfig:
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.val_size >= 0, "val_size must be >= 0"),
+            (
+                self.dtype == "auto" or str(self.dtype).lower() in DTYPES,
+                f"dtype must be 'auto' or one of {sorted(DTYPES)}, not {self.dtype!r}",
+            ),
         ]
         unknown = sorted(set(self.retain_mixture) - set(RETAIN_SOURCES))
         checks.append((not unknown, f"unknown retain sources {unknown}; use {RETAIN_SOURCES}"))

@@ -27,9 +27,11 @@ norms of the circuit-breaker representations; ``step_seconds``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -48,6 +50,13 @@ from cbscope.data import DatasetError
 from cbscope.lorra import losses
 from cbscope.lorra.config import ConfigError, LorraConfig
 from cbscope.lorra.data import EncodedData, LorraData, as_examples, as_retain, make_plan
+from cbscope.lorra.distributed import (
+    DistContext,
+    distributed_context,
+    resolve_device,
+    shard_entry,
+    shard_scale,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +130,9 @@ def prepare_pair(pair_or_spec: Any, config: LorraConfig, *, device: str | torch.
 
     A :class:`~cbscope.pair.ModelPair` whose adapter is trainable and has the config's LoRA shape
     is used as is (training continues from its weights); any other pair only names the base model,
-    which is loaded again (the given pair is left untouched).
+    which is loaded again (the given pair is left untouched). Under ``accelerate launch`` a
+    ``cuda`` device means this process's GPU, and rank 0 resolves the spec first (building the
+    organism into the cache if needed) while the others wait.
     """
     from transformers import AutoConfig
 
@@ -130,14 +141,25 @@ def prepare_pair(pair_or_spec: Any, config: LorraConfig, *, device: str | torch.
 
     if isinstance(pair_or_spec, ModelPair):
         if _lora_matches(pair_or_spec, config):
+            if config.gradient_checkpointing:
+                pair_or_spec.set_gradient_checkpointing(True)
             return pair_or_spec
         spec, device = pair_or_spec.resolved, pair_or_spec.device
     else:
         spec = pair_or_spec
+    ctx = distributed_context()
+    device = resolve_device(device, ctx)
     torch.manual_seed(config.seed)
-    resolved = spec if not isinstance(spec, (str, os.PathLike)) else resolve_model(spec)
+    with _main_first(ctx):
+        resolved = spec if not isinstance(spec, (str, os.PathLike)) else resolve_model(spec)
     n_layers = int(AutoConfig.from_pretrained(str(resolved.path)).num_hidden_layers)
-    pair = load_pair(resolved, lora_config=config.lora_config(n_layers), device=device, dtype=config.dtype)
+    pair = load_pair(
+        resolved,
+        lora_config=config.lora_config(n_layers),
+        device=device,
+        dtype=config.dtype,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
     pair.peft_model.eval()  # fresh LoRA dropout modules start in training mode
     if config.lora_b_init_std > 0:
         generator = torch.Generator().manual_seed(config.seed)
@@ -147,6 +169,11 @@ def prepare_pair(pair_or_spec: Any, config: LorraConfig, *, device: str | torch.
                     noise = torch.randn(param.shape, generator=generator) * config.lora_b_init_std
                     param.copy_(noise.to(param.dtype))
     return pair
+
+
+def _main_first(ctx: DistContext | None) -> Any:
+    """Rank 0 runs the block before the other processes (no-op in a single process)."""
+    return ctx.main_first() if ctx is not None else contextlib.nullcontext()
 
 
 def _weights_digest(folder: Path) -> str | None:
@@ -262,10 +289,16 @@ def _named_lora(pair: Any) -> dict[str, torch.nn.Parameter]:
 
 
 def save_checkpoint(
-    folder: Path, step: int, pair: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    folder: Path,
+    step: int,
+    pair: Any,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    extra_tensors: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Write ``step-N.safetensors`` then ``step-N.json`` (each via a temporary file and rename),
-    then delete older checkpoints."""
+    then delete older checkpoints. ``extra_tensors`` (e.g. every rank's RNG state) are stored
+    beside the LoRA weights and AdamW state."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"lora.{n}": p.detach().cpu().contiguous() for n, p in _named_lora(pair).items()}
     params = list(_named_lora(pair).values())
@@ -276,6 +309,8 @@ def save_checkpoint(
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    for key, value in (extra_tensors or {}).items():
+        tensors[key] = value.detach().cpu().contiguous()
     name = f"step-{step:06d}"
     tensor_path = folder / f"{name}.safetensors"
     _atomic_write_bytes(tensor_path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
@@ -303,7 +338,9 @@ def latest_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]] 
     return None
 
 
-def _restore(pair: Any, optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
+def _restore(
+    pair: Any, optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], rank: int | None = None
+) -> None:
     named = _named_lora(pair)
     missing = [n for n in named if f"lora.{n}" not in tensors]
     if missing:
@@ -319,26 +356,43 @@ def _restore(pair: Any, optimizer: torch.optim.Optimizer, tensors: dict[str, Ten
             restored.setdefault(int(index), {})[field_name] = value
     state["state"] = restored
     optimizer.load_state_dict(state)
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    suffix = "" if rank is None or f"rng.torch.{rank}" not in tensors else f".{rank}"
+    torch.set_rng_state(tensors[f"rng.torch{suffix}"])
+    if f"rng.cuda{suffix}" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"])
 
 
-RESUME_IGNORES = ("log_every", "checkpoint_every", "keep_checkpoints")
+RESUME_IGNORES = ("log_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
 
 
 def _start_or_resume(
-    out: Path, resume: bool, pair: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    out: Path,
+    resume: bool,
+    pair: Any,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    ctx: DistContext | None = None,
 ) -> int:
-    """Prepare ``out``; with ``resume``, restore the newest checkpoint and return its step."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Prepare ``out``; with ``resume``, restore the newest checkpoint and return its step.
+
+    In a multi-process run every rank reads the same checkpoint; only rank 0 changes files, after
+    all have read (``out`` must be on a filesystem every process sees).
+    """
+    main = ctx is None or ctx.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt_dir, metrics_path = out / CHECKPOINT_DIR, out / METRICS_FILE
+    if ctx is not None:
+        ctx.barrier()
     found = latest_checkpoint(ckpt_dir) if resume and ckpt_dir.is_dir() else None
+    if ctx is not None:
+        ctx.barrier()
     if found is None:
         if resume:
             logger.info("no checkpoint in %s: starting from step 0", ckpt_dir)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        metrics_path.write_text("")
+        if main:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            metrics_path.write_text("")
         return 0
     meta, tensors = found
     saved, current = meta["config"], state["config"]
@@ -348,8 +402,18 @@ def _start_or_resume(
     if meta["data_fingerprint"] != state["data_fingerprint"]:
         raise ResumeError(f"the checkpoint in {ckpt_dir} was made with other data")
     state["plan"] = meta["plan"]  # the saved data order
-    _restore(pair, optimizer, tensors)
-    _write_metrics(metrics_path, [], truncate_after=int(meta["step"]))
+    saved_world = int(meta.get("world_size", 1))
+    current_world = ctx.world_size if ctx is not None else 1
+    if saved_world != current_world:
+        logger.warning(
+            "the checkpoint was written by %d process(es), this run has %d: same data and "
+            "schedule, but LoRA-dropout random streams differ from an uninterrupted run",
+            saved_world,
+            current_world,
+        )
+    _restore(pair, optimizer, tensors, rank=ctx.rank if ctx is not None else None)
+    if main:
+        _write_metrics(metrics_path, [], truncate_after=int(meta["step"]))
     logger.info("resumed from step %d (%s)", meta["step"], ckpt_dir)
     return int(meta["step"])
 
@@ -439,8 +503,19 @@ def train_circuit_breaker(
         merge: Also write a merged HF model to ``out_dir/merged``.
         on_step: Called after every step with that step's metrics dict.
         stop_after: Stop (with a checkpoint) after this many steps *in this call*.
-        device: Torch device when a spec is given.
-        show_progress: tqdm bar.
+        device: Torch device when a spec is given (``cuda`` means this process's GPU under
+            ``accelerate launch``).
+        show_progress: tqdm bar (rank 0 only in a multi-process run).
+
+    Launched with ``accelerate launch --num_processes N`` (``WORLD_SIZE > 1``), every process
+    trains on its contiguous ``1/N`` of each global batch (``config.batch_size`` circuit-breaker
+    and as many retain rows, so ``batch_size >= N``), the LoRA gradients are summed over
+    processes with each shard's loss normalised by the global token counts (the same gradient
+    as one process on the whole batch, up to float summation order and padding width), and the
+    schedule, data plan and AdamW steps are the global ones. Metrics are reduced over processes;
+    rank 0 alone writes ``metrics.jsonl``, checkpoints (with every rank's RNG state) and the
+    adapter. ``resume`` restores the same checkpoint on every rank. See
+    :mod:`cbscope.lorra.distributed`.
 
     Raises:
         NonFiniteLossError: The loss became NaN/inf (the last checkpoint is left intact).
@@ -450,23 +525,34 @@ def train_circuit_breaker(
     started = time.perf_counter()
     config = (config or LorraConfig()).validate()
     out = Path(out_dir) if out_dir is not None else None
+    ctx = distributed_context()
+    main = ctx is None or ctx.is_main
+    if ctx is not None and config.batch_size < ctx.world_size:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is smaller than the number of processes "
+            f"{ctx.world_size}: every process needs at least one row of each global batch"
+        )
     pair = prepare_pair(pair_or_spec, config, device=device)
-    data = assemble_data(pair, config, cb_data, retain_data, val_data, show_progress=show_progress)
+    with _main_first(ctx):  # rank 0 writes the generation cache, the others read it
+        data = assemble_data(
+            pair, config, cb_data, retain_data, val_data, show_progress=show_progress and main
+        )
     targets = config.resolved_target_layers(pair.n_layers)
     retain_layers = config.resolved_retain_layers(pair.n_layers)
     layers = sorted(set(targets) | set(retain_layers))
-    t_idx = torch.tensor([layers.index(layer) for layer in targets])
-    r_idx = torch.tensor([layers.index(layer) for layer in retain_layers])
+    t_idx = layer_index(layers, targets)
+    r_idx = layer_index(layers, retain_layers)
     encoded = EncodedData(data, pair.tokenizer, config)
     plan = make_plan(len(encoded.cb), encoded.sizes(), config)
     aux = loss_targets(pair, config, encoded, targets)
     val_chunks = encoded.batches(encoded.val, config.token_mask)
+    if ctx is not None:  # each process holds every world_size-th validation chunk
+        val_chunks = val_chunks[ctx.rank :: ctx.world_size]
     val_orig = [reps for reps, _ in _frozen_reps(pair, val_chunks, targets)]
 
     info = {
         "model": pair.resolved.spec,
-        "model_path": str(pair.resolved.path),
-        "base_weights_sha256": _weights_digest(pair.resolved.path),
+        "base_weights_sha256": _weights_digest(pair.resolved.path) if main else None,
         "target_layers": targets,
         "retain_layers": retain_layers,
         "lora_blocks": config.resolved_lora_layers(pair.n_layers),
@@ -475,25 +561,42 @@ def train_circuit_breaker(
         **data.info,
     }
     state = {"config": config.to_dict(), "data_fingerprint": encoded.fingerprint(), "plan": plan}
+    if ctx is not None:
+        info["processes"] = state["world_size"] = ctx.world_size
     optimizer = torch.optim.AdamW(pair.lora_parameters(), lr=config.lr, weight_decay=config.weight_decay)
     result = TrainResult(pair, config, out_dir=out, info=info)
     ckpt_dir = out / CHECKPOINT_DIR if out is not None else None
-    metrics_path = out / METRICS_FILE if out is not None else None
-    start = _start_or_resume(out, resume, pair, optimizer, state) if out is not None else 0
+    metrics_path = out / METRICS_FILE if out is not None and main else None
+    start = _start_or_resume(out, resume, pair, optimizer, state, ctx) if out is not None else 0
     result.resumed_from = start or None
     plan = state["plan"]
+    if ctx is not None:
+        ctx.agree(start, "the step to start from (do all processes see the same --out?)")
+        ctx.broadcast_params(pair.lora_parameters())  # as DDP does; they are equal already
     if start == 0:
-        torch.manual_seed(config.seed)
+        # one dropout stream per process; rank 0 (and a single process) use the seed itself
+        torch.manual_seed(config.seed + (ctx.rank if ctx is not None else 0))
 
     total = config.steps
     end = total if stop_after is None else min(total, start + stop_after)
-    bar = tqdm(range(start, end), desc="LoRRA", disable=not show_progress, initial=start, total=total)
+    bar = tqdm(
+        range(start, end),
+        desc="LoRRA",
+        disable=not (show_progress and main),
+        initial=start,
+        total=total,
+    )
     for step in bar:
         tick = time.perf_counter()
-        row = _train_step(pair, config, encoded.batch(plan[step]), step, layers, t_idx, r_idx, aux, optimizer)
+        if ctx is None:
+            row = _train_step(pair, config, encoded.batch(plan[step]), step, layers, t_idx, r_idx, aux, optimizer)
+        else:
+            row = _train_step_sharded(
+                pair, config, encoded, plan[step], step, layers, t_idx, r_idx, aux, optimizer, ctx
+            )
         done = step + 1
         if done % config.log_every == 0 or done == total:
-            row["val_cos"] = _val_cos(pair, val_chunks, val_orig, targets)
+            row["val_cos"] = _val_cos(pair, val_chunks, val_orig, targets, ctx)
         row["step_seconds"] = time.perf_counter() - tick
         result.metrics.append(row)
         result.steps_done = done
@@ -503,7 +606,9 @@ def train_circuit_breaker(
         if ckpt_dir is not None and done < total and (
             (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end
         ):
-            save_checkpoint(ckpt_dir, done, pair, optimizer, state)
+            extra = _rank_rng_states(ctx) if ctx is not None else None
+            if main:
+                save_checkpoint(ckpt_dir, done, pair, optimizer, state, extra)
         if on_step is not None:
             on_step(dict(row))
     bar.close()
@@ -514,11 +619,30 @@ def train_circuit_breaker(
     info["summary"] = {"steps": result.steps_done, "seconds": round(result.seconds, 2),
                        "resumed_from": result.resumed_from,
                        "final": {k: v for k, v in result.final.items() if isinstance(v, (int, float))}}
-    if out is not None and result.finished:
+    if out is not None and result.finished and main:
         save_outputs(result, merge=merge)
         if not config.keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if ctx is not None:
+        ctx.barrier()  # the adapter is on disk before any process returns
     return result
+
+
+def _rank_rng_states(ctx: DistContext) -> dict[str, Tensor]:
+    """Every process's RNG state (a collective: all ranks call it), keyed ``rng.torch.{rank}``."""
+    states = {f"rng.torch.{r}": t for r, t in enumerate(ctx.all_gather(torch.get_rng_state()))}
+    if torch.cuda.is_available():
+        gathered = ctx.all_gather(torch.cuda.get_rng_state())
+        states.update({f"rng.cuda.{r}": t for r, t in enumerate(gathered)})
+    return states
+
+
+def layer_index(layers: list[int], wanted: list[int]) -> Tensor | slice:
+    """Positions of ``wanted`` in ``layers``: a slice (a view, no copy) when contiguous."""
+    positions = [layers.index(layer) for layer in wanted]
+    if positions == list(range(positions[0], positions[-1] + 1)):
+        return slice(positions[0], positions[-1] + 1)
+    return torch.tensor(positions)
 
 
 def _train_step(
@@ -527,29 +651,34 @@ def _train_step(
     batch: Any,
     step: int,
     layers: list[int],
-    t_idx: Tensor,
-    r_idx: Tensor,
+    t_idx: Tensor | slice,
+    r_idx: Tensor | slice,
     aux: Mapping[str, Tensor],
     optimizer: torch.optim.Optimizer,
 ) -> dict[str, Any]:
     """One optimiser step; returns its metrics."""
-    device = pair.device
-    ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
-    cb_mask, retain_mask = batch.cb_mask.to(device), batch.retain_mask.to(device)
-    n = batch.n_cb
-    pair.bridge.eval()
-    with pair.original(), torch.no_grad():
-        orig = pair.resid(ids, attention, layers)
-    pair.bridge.train()
-    broken = pair.resid(ids, attention, layers)
-    pair.bridge.eval()
-    cb_orig, cb_broken = orig[t_idx, :n], broken[t_idx, :n]
-    c_s, c_r = losses.schedule(step + 1, config.steps, config.lorra_alpha)
-    c_r *= config.retain_weight
-    cb_loss = cb_term(config, cb_orig, cb_broken, cb_mask, aux)
-    retain_loss = losses.retain_loss(
-        orig[r_idx, n:], broken[r_idx, n:], retain_mask, relative=config.retain_relative
-    )
+    try:
+        return _optimiser_step(pair, config, batch, step, layers, t_idx, r_idx, aux, optimizer)
+    finally:
+        pair.bridge.eval()  # only after backward: checkpointed blocks recompute in training mode
+
+
+def _optimiser_step(
+    pair: Any,
+    config: LorraConfig,
+    batch: Any,
+    step: int,
+    layers: list[int],
+    t_idx: Tensor | slice,
+    r_idx: Tensor | slice,
+    aux: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+) -> dict[str, Any]:
+    t = _step_terms(pair, config, batch, step, layers, t_idx, r_idx, aux)
+    orig, broken, n = t["orig"], t["broken"], t["n"]
+    cb_orig, cb_broken = t["cb_orig"], t["cb_broken"]
+    cb_mask, retain_mask, c_s, c_r = t["cb_mask"], t["retain_mask"], t["c_s"], t["c_r"]
+    cb_loss, retain_loss = t["cb_loss"], t["retain_loss"]
     loss = c_s * cb_loss + c_r * retain_loss
     if not torch.isfinite(loss):
         raise NonFiniteLossError(
@@ -573,6 +702,149 @@ def _train_step(
         "retain_cos": losses.mean_cosine(orig[t_idx, n:], broken[t_idx, n:], retain_mask),
         "cb_norm_orig": losses.mean_norm(cb_orig, cb_mask),
         "cb_norm_cb": losses.mean_norm(cb_broken, cb_mask),
+    }
+
+
+def _step_terms(
+    pair: Any,
+    config: LorraConfig,
+    batch: Any,
+    step: int,
+    layers: list[int],
+    t_idx: Tensor | slice,
+    r_idx: Tensor | slice,
+    aux: Mapping[str, Tensor],
+) -> dict[str, Any]:
+    """The frozen and adapted forwards of a step and its two loss terms (not yet combined).
+
+    Leaves the bridge in training mode: with gradient checkpointing the backward pass replays the
+    adapted forward of each block, which must run with the same (LoRA dropout) mode; the caller
+    switches back to ``eval()`` after ``backward``.
+    """
+    device = pair.device
+    ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
+    cb_mask, retain_mask = batch.cb_mask.to(device), batch.retain_mask.to(device)
+    n = batch.n_cb
+    pair.bridge.eval()
+    with pair.original(), torch.no_grad():
+        orig = pair.resid(ids, attention, layers)
+    pair.bridge.train()
+    broken = pair.resid(ids, attention, layers)
+    cb_orig, cb_broken = orig[t_idx, :n], broken[t_idx, :n]
+    c_s, c_r = losses.schedule(step + 1, config.steps, config.lorra_alpha)
+    c_r *= config.retain_weight
+    cb_loss = cb_term(config, cb_orig, cb_broken, cb_mask, aux)
+    retain_loss = losses.retain_loss(
+        orig[r_idx, n:], broken[r_idx, n:], retain_mask, relative=config.retain_relative
+    )
+    return {
+        "orig": orig,
+        "broken": broken,
+        "n": n,
+        "cb_orig": cb_orig,
+        "cb_broken": cb_broken,
+        "cb_mask": cb_mask,
+        "retain_mask": retain_mask,
+        "c_s": c_s,
+        "c_r": c_r,
+        "cb_loss": cb_loss,
+        "retain_loss": retain_loss,
+    }
+
+
+def _train_step_sharded(
+    pair: Any,
+    config: LorraConfig,
+    encoded: EncodedData,
+    entry: Mapping[str, Any],
+    step: int,
+    layers: list[int],
+    t_idx: Tensor | slice,
+    r_idx: Tensor | slice,
+    aux: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    ctx: DistContext,
+) -> dict[str, Any]:
+    """One optimiser step of a multi-process run on this process's shard of the global batch.
+
+    Each loss term is this shard's masked mean times ``local tokens / global tokens``
+    (:func:`~cbscope.lorra.distributed.shard_scale`), so the gradients summed over processes are
+    the gradient of the whole batch's loss. Metrics are reduced over processes before the NaN
+    check, so every process takes the same decision.
+    """
+    try:
+        return _sharded_optimiser_step(
+            pair, config, encoded, entry, step, layers, t_idx, r_idx, aux, optimizer, ctx
+        )
+    finally:
+        pair.bridge.eval()
+
+
+def _sharded_optimiser_step(
+    pair: Any,
+    config: LorraConfig,
+    encoded: EncodedData,
+    entry: Mapping[str, Any],
+    step: int,
+    layers: list[int],
+    t_idx: Tensor | slice,
+    r_idx: Tensor | slice,
+    aux: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    ctx: DistContext,
+) -> dict[str, Any]:
+    whole = encoded.batch(entry)  # only for the global token counts (cheap: no forward)
+    batch = encoded.batch(shard_entry(entry, ctx.rank, ctx.world_size))
+    t = _step_terms(pair, config, batch, step, layers, t_idx, r_idx, aux)
+    orig, broken, n = t["orig"], t["broken"], t["n"]
+    cb_orig, cb_broken = t["cb_orig"], t["cb_broken"]
+    cb_mask, retain_mask, c_s, c_r = t["cb_mask"], t["retain_mask"], t["c_s"], t["c_r"]
+    n_cb, n_retain = batch.cb_mask.sum(), batch.retain_mask.sum()
+    cb_part = t["cb_loss"] * shard_scale(n_cb, whole.cb_mask.sum()).to(t["cb_loss"].device)
+    retain_part = t["retain_loss"] * shard_scale(n_retain, whole.retain_mask.sum()).to(
+        t["retain_loss"].device
+    )
+    local_loss = c_s * cb_part + c_r * retain_part
+    stats = torch.tensor(
+        [
+            float(cb_part.detach()),
+            float(retain_part.detach()),
+            losses.mean_cosine(cb_orig, cb_broken, cb_mask) * float(n_cb),
+            losses.mean_cosine(orig[t_idx, n:], broken[t_idx, n:], retain_mask) * float(n_retain),
+            losses.mean_norm(cb_orig, cb_mask) * float(n_cb),
+            losses.mean_norm(cb_broken, cb_mask) * float(n_cb),
+            float(n_cb),
+            float(n_retain),
+        ],
+        dtype=torch.float64,
+    )
+    total = ctx.all_reduce_sum(stats).tolist()
+    cb_loss, retain_loss = total[0], total[1]
+    loss = c_s * cb_loss + c_r * retain_loss
+    cb_tokens, retain_tokens = max(total[6], 1.0), max(total[7], 1.0)
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"step {step + 1}: the loss is {loss} (cb_loss {cb_loss}, retain_loss {retain_loss}); "
+            "stopped before the optimiser step. The last checkpoint is intact: lower lr or check "
+            "the data, then resume"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    local_loss.backward()
+    ctx.all_reduce_grads(pair.lora_parameters())
+    if config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(pair.lora_parameters(), config.max_grad_norm)
+    optimizer.step()
+    return {
+        "step": step + 1,
+        "loss": loss,
+        "cb_loss": cb_loss,
+        "retain_loss": retain_loss,
+        "c_s": c_s,
+        "c_r": c_r,
+        "cb_cos": total[2] / cb_tokens,
+        "retain_cos": total[3] / retain_tokens,
+        "cb_norm_orig": total[4] / cb_tokens,
+        "cb_norm_cb": total[5] / cb_tokens,
     }
 
 
@@ -612,10 +884,33 @@ def mean_cosine_on(
     return float("nan") if value is None else value
 
 
-def _val_cos(pair: Any, chunks: Sequence[tuple[Tensor, Tensor, Tensor]], orig: Sequence[Tensor], layers: list[int]) -> float | None:
-    """Mean cosine between frozen and adapted representations on the validation batches."""
+def _val_cos(
+    pair: Any,
+    chunks: Sequence[tuple[Tensor, Tensor, Tensor]],
+    orig: Sequence[Tensor],
+    layers: list[int],
+    ctx: DistContext | None = None,
+) -> float | None:
+    """Mean cosine between frozen and adapted representations on the validation batches
+    (with ``ctx``: this process's chunks, token-weighted and summed over processes)."""
+    if ctx is not None:
+        total, weight = _val_cos_sums(pair, chunks, orig, layers)
+        sums = ctx.all_reduce_sum(torch.tensor([total, weight], dtype=torch.float64))
+        total, weight = sums.tolist()
+        return total / weight if weight else None
     if not chunks:
         return None
+    total, weight = _val_cos_sums(pair, chunks, orig, layers)
+    return total / weight if weight else None
+
+
+def _val_cos_sums(
+    pair: Any,
+    chunks: Sequence[tuple[Tensor, Tensor, Tensor]],
+    orig: Sequence[Tensor],
+    layers: list[int],
+) -> tuple[float, float]:
+    """Token-weighted sum of the validation cosines and the token count."""
     total, weight = 0.0, 0.0
     with torch.no_grad():
         for (ids, attention, mask), reps_orig in zip(chunks, orig, strict=True):
@@ -624,4 +919,4 @@ def _val_cos(pair: Any, chunks: Sequence[tuple[Tensor, Tensor, Tensor]], orig: S
             count = float(mask.sum())
             total += losses.mean_cosine(reps_orig, reps, mask) * count
             weight += count
-    return total / weight if weight else None
+    return total, weight
