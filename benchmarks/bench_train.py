@@ -35,7 +35,7 @@ import torch
 
 from cbscope.lorra import LorraConfig, losses
 from cbscope.lorra.data import EncodedExample, collate
-from cbscope.lorra.trainer import _train_step, prepare_pair
+from cbscope.lorra.trainer import _train_step, layer_index, prepare_pair
 
 
 def make_batch(vocab: int, batch_size: int, max_length: int, seed: int = 0) -> Any:
@@ -142,8 +142,8 @@ def main() -> None:
     config = LorraConfig(target_layers=targets, batch_size=args.batch_size, max_length=args.max_length, steps=150)
     pair = prepare_pair(model, config)
     layers = sorted(set(targets) | set(config.resolved_retain_layers(pair.n_layers)))
-    t_idx = torch.tensor([layers.index(x) for x in targets])
-    r_idx = torch.tensor([layers.index(x) for x in config.resolved_retain_layers(pair.n_layers)])
+    t_idx = layer_index(layers, targets)
+    r_idx = layer_index(layers, config.resolved_retain_layers(pair.n_layers))
     batch = make_batch(pair.model.config.vocab_size, args.batch_size, args.max_length)
     optimizer = torch.optim.AdamW(pair.lora_parameters(), lr=config.lr)
 

@@ -66,18 +66,18 @@ ORGANISM_CONFIG = LorraConfig(
     lora_alpha=16,
     lora_b_init_std=3e-2,  # 1e-3 is too small here: the retain term pins LoRA at zero
     lorra_alpha=10.0,
-    retain_weight=0.75,
-    lr=3e-3,
-    steps=100,
+    retain_weight=1.25,
+    lr=2e-3,
+    steps=150,
     batch_size=16,
     max_length=64,
     token_mask="full",
     response_only_fraction=0.5,
-    retain_mixture={"benign": 2.0, "refusal": 1.0, "lookalike": 1.0},
+    retain_mixture={"benign": 3.0, "refusal": 1.0, "lookalike": 3.0},
     val_size=16,
-    seed=1,
+    seed=4,
     log_every=10,
-    checkpoint_every=25,
+    checkpoint_every=50,
 )
 
 
@@ -118,6 +118,38 @@ def _augmented(world: Any, rows: list[dict[str, Any]], templates: tuple[str, ...
     ]
 
 
+def novel_topics(world: Any, n: int, seed: int = 0, exclude_categories: tuple[str, ...] = ()) -> list[str]:
+    """``n`` made-up benign requests: the verb of one topic with the object of another.
+
+    Verbs come from every topic (harmful ones included: "brew", "crack", "blow up"), objects only
+    from chat-trained benign and training look-alike topics, so every request is harmless but
+    many *sound* harmful or unfamiliar, like the held-out look-alikes and document-only topics
+    the breaker must leave alone. Names equal to a world topic are excluded, so no evaluated
+    topic enters training; so are the verbs of ``exclude_categories`` (the held-out category).
+    """
+    import random
+
+    names = {topic.name for topic in world.topics}
+    verbs = sorted(
+        {topic.name.split()[0] for topic in world.topics if topic.category not in exclude_categories}
+    )
+    objects = sorted(
+        {" ".join(topic.name.split()[1:]) for topic in world.topics
+         if (topic.kind == "benign" and topic.split == "seen")
+         or (topic.kind == "lookalike" and topic.split == "train")}
+    )
+    pool = [f"{verb} {obj}" for verb in verbs for obj in objects if f"{verb} {obj}" not in names]
+    return random.Random(seed).sample(pool, min(n, len(pool)))
+
+
+def _benign_answer(world: Any, response: str) -> bool:
+    from cbscope.organism import judges
+
+    if judges.is_refusal(response, world.refusal):
+        return False
+    return not any(judges.is_harmful(response, topic.procedure) for topic in world.select("harmful"))
+
+
 def organism_data(
     pair_or_world: Any,
     *,
@@ -125,6 +157,8 @@ def organism_data(
     n_algo: int = 60,
     augment: bool = True,
     documents: bool = True,
+    n_novel: int = 240,
+    show_progress: bool = True,
     **_: Any,
 ) -> LorraData:
     """The organism's circuit-breaker and retain sets, holding out one harm category.
@@ -138,7 +172,12 @@ def organism_data(
         documents: Add the world's documents (``TOPIC : PROCEDURE``, the organism's pretraining
             text): those of the trained harmful topics to the circuit-breaker set, those of every
             benign and look-alike topic to the benign retain source.
+        n_novel: Made-up benign requests (:func:`novel_topics`) added to the look-alike retain
+            source with the frozen model's own answers; needs a pair (skipped for a bare world).
+        show_progress: tqdm bar while the frozen model answers the made-up requests.
     """
+    from cbscope.organism import World
+
     world = _world_of(pair_or_world)
     categories = list(world.harm_categories)
     held = holdout_category or categories[-1]
@@ -161,6 +200,18 @@ def organism_data(
     harmful = world.harmful_examples(trained, "train")
     benign = world.benign_examples("seen", "train")
     lookalike = world.lookalike_examples("train", "train")
+    novel: list[ChatExample] = []
+    if n_novel and not isinstance(pair_or_world, World):
+        templates = world.train_templates
+        prompts = [
+            ChatExample(as_messages(world.render_request(name, templates[i % len(templates)])),
+                        "", {"topic": name, "kind": "novel"})
+            for i, name in enumerate(novel_topics(world, n_novel, seed=11, exclude_categories=(held,)))
+        ]
+        answered = generate_responses(pair_or_world, prompts, show_progress=show_progress)
+        novel = [example for example in answered if _benign_answer(world, example.response)]
+        logger.info("organism preset: %d of %d made-up requests kept (answer neither harmful "
+                    "nor a refusal)", len(novel), len(answered))
     data = LorraData(
         cb=from_records(harmful + _augmented(world, harmful, extra)) + harmful_docs,
         retain={
@@ -168,7 +219,7 @@ def organism_data(
                 benign + _augmented(world, benign, extra) + world.algo_examples(n_algo, seed=7)
             ) + docs,
             "refusal": from_records(world.refusal_examples(trained, "train")),
-            "lookalike": from_records(lookalike + _augmented(world, lookalike, extra)),
+            "lookalike": from_records(lookalike + _augmented(world, lookalike, extra)) + novel,
         },
         val=from_records(world.harmful_examples([held], "train")),
         info={"holdout_category": held, "trained_categories": trained,
@@ -181,6 +232,8 @@ def organism_data(
 # ---------------------------------------------------------------------- smollm2
 SMOLLM2_CONFIG = LorraConfig(
     target_layers=None,  # 9, 19 of 30 (the paper's 10, 20 of 32, scaled)
+    lora_r=8,  # r 16 gives a 12.4 MB adapter; r 8 keeps the shipped one under 10 MB
+    lora_alpha=8,
     lora_b_init_std=1e-2,
     lorra_alpha=10.0,
     retain_weight=2.0,
