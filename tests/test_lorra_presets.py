@@ -109,3 +109,30 @@ def test_smollm2_data_from_given_files(tiny_llama: Path, tmp_path: Path) -> None
     with pytest.raises(DatasetError, match="item 0: field 'instruction'"):
         smollm2_data(pair, advbench=adv, alpaca=alpaca, xstest=xstest, n_cb=3, n_heldout=8,
                      show_progress=False)
+
+
+def test_shipped_organism_breaker_matches_the_preset_and_fires() -> None:
+    """The shipped breaker is what ``cbscope train --preset organism`` writes today (same config,
+    same organism weights) and shows the Figure-6 collapse on a prefilled harmful answer."""
+    from cbscope.lorra.presets import ORGANISM_CONFIG
+    from cbscope.lorra.trainer import _weights_digest
+    from cbscope.models import shipped_organism_dir
+    from cbscope.organism import World
+    from cbscope.pair import load_pair
+    from cbscope.trace import cosine_trace
+
+    breaker = Path(__file__).resolve().parents[1] / "cbscope" / "assets" / "organism-breaker"
+    assert LorraConfig.load(breaker / "lorra_config.json") == ORGANISM_CONFIG
+    info = json.loads((breaker / "train_info.json").read_text())
+    assert info["base_weights_sha256"] == _weights_digest(shipped_organism_dir())
+    pair = load_pair("organism", breaker)
+    world = World.from_json(shipped_organism_dir() / "world.json")
+    harmful = world.select("harmful", categories=[info["holdout_category"]])[0]
+    benign = world.select("benign", split="seen")[0]
+    template = world.train_templates[0]
+    trace = cosine_trace(pair, [world.render_request(t, template) for t in (harmful, benign)],
+                         [world.answer(t) for t in (harmful, benign)], layers=info["target_layers"])
+    start = trace.response_start[0]
+    assert (trace.cos[0, :, start:start + 3] < 0.2).any(dim=1).all()  # every target layer
+    benign_start, benign_end = trace.response_start[1], trace.lengths[1]
+    assert float(trace.cos[1, :, benign_start:benign_end].mean()) >= 0.95
