@@ -1,7 +1,8 @@
 """cbscope dashboard: run with ``cbscope app`` (or ``streamlit run app/cbscope_app.py``).
 
-Views: "Where does it fire?" (one request, Figure 6), "Dataset" (firing statistics), "Train"
-(a LoRRA run with live curves) and "Probe" (a harmfulness probe beside the trace). The model
+Views: "Where does it fire?" (one request or conversation, Figure 6), "Dataset" (firing
+statistics), "Train" (a LoRRA run with live curves), "Probe" (a harmfulness probe beside the
+trace) and "Generalisation" (the cross-category matrix of ``cbscope generalise``). The model
 pair comes from the sidebar, the URL (``?model=...&adapter=...``) or the environment
 (``CBSCOPE_APP_MODEL``, ``CBSCOPE_APP_ADAPTER``).
 """
@@ -21,10 +22,10 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from app import state  # noqa: E402
-from app.views import dataset, probe, train, where  # noqa: E402
+from app.views import dataset, generalisation, probe, train, where  # noqa: E402
 
 RENDERERS = {"where": where.render, "dataset": dataset.render, "train": train.render,
-             "probe": probe.render}
+             "probe": probe.render, "generalisation": generalisation.render}
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     except Exception as err:  # noqa: BLE001 - a sentence in the page, never a trace
         state.show_error(err, "the sidebar failed")
         return
-    if sel.error and sel.view != "train":
+    if sel.error and sel.view not in ("train", "generalisation"):
         st.error(sel.error)
     try:
         RENDERERS[sel.view](sel)

@@ -54,6 +54,61 @@ NO_SOURCE = "none"
 
 
 # ---------------------------------------------------------------------- requests and traces
+ROLE_LINE = re.compile(r"^\s*(user|assistant|system)\s*:\s?(.*)$", re.IGNORECASE)
+
+
+def parse_conversation(text: str) -> str | list[dict[str, str]]:
+    """The prompt box's text as a single request or a multi-turn conversation.
+
+    A conversation is either a JSON list of ``{"role", "content"}`` messages or lines starting
+    with ``user:`` / ``assistant:`` / ``system:`` (other lines continue the message above). It
+    must end with a user turn; a single user turn comes back as a plain string, and text with
+    no role prefixes is one request as it is.
+
+    Raises:
+        PromptError: A malformed JSON conversation, an empty turn, or a last turn that is not
+            the user's.
+    """
+    stripped = text.strip()
+    messages: list[dict[str, str]] = []
+    if stripped.startswith("[{"):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as err:
+            raise PromptError(f"the conversation is not valid JSON ({err.msg}, line {err.lineno}): "
+                              "write a list of {\"role\": ..., \"content\": ...} messages") from err
+        if not isinstance(data, list) or not all(isinstance(m, dict) for m in data):
+            raise PromptError("a JSON conversation must be a list of {\"role\", \"content\"} "
+                              "messages")
+        messages = [{"role": str(m.get("role", "")).strip().lower(),
+                     "content": str(m.get("content", "")).strip()} for m in data]
+    else:
+        lines = stripped.splitlines()
+        first = next((line for line in lines if line.strip()), "")
+        if not ROLE_LINE.match(first):
+            return text
+        for line in lines:
+            match = ROLE_LINE.match(line)
+            if match:
+                messages.append({"role": match.group(1).lower(), "content": match.group(2).strip()})
+            elif messages:
+                messages[-1]["content"] = (messages[-1]["content"] + "\n" + line.strip()).strip()
+    if not messages:
+        raise PromptError("the conversation is empty: type a request")
+    for index, message in enumerate(messages, start=1):
+        if message["role"] not in ("user", "assistant", "system"):
+            raise PromptError(f"turn {index} has role {message['role']!r}: use user, assistant "
+                              "or system")
+        if not message["content"]:
+            raise PromptError(f"turn {index} ({message['role']}) is empty: type its text")
+    if messages[-1]["role"] != "user":
+        raise PromptError("the conversation must end with a user turn: put the start of the "
+                          "assistant's answer in the prefill box instead")
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return messages
+
+
 def token_limit(pair: Any) -> int:
     """Longest sequence the app traces on this model: its context, capped at ``APP_MAX_TOKENS``."""
     context = getattr(pair.model.config, "max_position_embeddings", None) or APP_MAX_TOKENS
@@ -70,6 +125,7 @@ def check_request(pair: Any, prompt: str, prefill: str, gen_tokens: int) -> int:
         PromptError: Empty prompt, too many characters, or too many tokens for the model.
     """
     check_prompt(prompt, max_chars=APP_MAX_PROMPT_CHARS)
+    parsed = parse_conversation(prompt)
     if len(prefill) > APP_MAX_PROMPT_CHARS:
         raise PromptError(
             f"the prefill has {len(prefill)} characters; the limit is {APP_MAX_PROMPT_CHARS}: "
@@ -77,7 +133,7 @@ def check_request(pair: Any, prompt: str, prefill: str, gen_tokens: int) -> int:
         )
     if not 0 <= gen_tokens <= MAX_GEN_TOKENS:
         raise PromptError(f"generate between 0 and {MAX_GEN_TOKENS} tokens, not {gen_tokens}")
-    n_tokens = len(encode_chat(pair.tokenizer, prompt, prefill).input_ids)
+    n_tokens = len(encode_chat(pair.tokenizer, parsed, prefill).input_ids)
     limit = token_limit(pair)
     if n_tokens + gen_tokens > limit:
         raise PromptError(
@@ -92,9 +148,11 @@ def trace_request(pair: Any, prompt: str, prefill: str = "", gen_tokens: int = 1
     """The Figure-6 recipe on one request: generate with the breaker on, trace every layer.
 
     All layers are traced (the heatmap shows them all; the sidebar's layers only choose lines),
-    so changing the plotted layers never recomputes the trace.
+    so changing the plotted layers never recomputes the trace. ``prompt`` may be a conversation
+    (see :func:`parse_conversation`); the trace then records its turn boundaries.
     """
-    return trace_generation(pair, prompt, prefill=prefill or None, max_new_tokens=int(gen_tokens))
+    return trace_generation(pair, parse_conversation(prompt), prefill=prefill or None,
+                            max_new_tokens=int(gen_tokens))
 
 
 @dataclass
@@ -402,3 +460,65 @@ def fmt_rate(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{100 * value:.0f}%"
+
+
+# ---------------------------------------------------------------------- generalisation matrix
+CELL_METRICS: dict[str, str] = {
+    "prefill_asr": "prefilling attack",
+    "template_asr": "jailbreak templates",
+    "multiturn_asr": "two-turn (direct)",
+    "multiturn_prefill_asr": "two-turn (prefilled)",
+}
+
+
+def generalise_root() -> Path:
+    """Where the dashboard looks for ``cbscope generalise`` folders: ``cache_dir()/generalise``."""
+    from cbscope.models import cache_dir
+
+    return cache_dir() / "generalise"
+
+
+def matrix_folders(root: Path | None = None) -> list[Path]:
+    """Folders holding a ``matrix.json`` under ``root`` (and ``root`` itself), newest first."""
+    root = generalise_root() if root is None else Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in [root, *root.iterdir()] if p.is_dir() and (p / "matrix.json").is_file()]
+    return sorted(found, key=lambda p: (p / "matrix.json").stat().st_mtime, reverse=True)
+
+
+def cell_rows(result: Any, run: str, category: str, metric: str) -> list[dict[str, Any]]:
+    """The per-example rows of one matrix cell, each with the base model's response beside it.
+
+    Returns:
+        Dicts with ``prompt`` (the harmful turn), ``prefill``, ``conversation`` (multi-turn
+        only), ``response`` / ``harmful`` of the run's breaker, and ``base_response`` /
+        ``base_harmful`` of the base model on the same request.
+    """
+    base = {
+        (r["metric"], r["prompt"], r.get("prefill")): r
+        for r in result.rows.get("base", [])
+        if r["metric"] == metric
+    }
+    cells = []
+    for row in result.rows.get(run, []):
+        if row["metric"] != metric or row.get("category") != category:
+            continue
+        other = base.get((metric, row["prompt"], row.get("prefill")), {})
+        cells.append({
+            "prompt": row["prompt"],
+            "prefill": row.get("prefill") or "",
+            "conversation": row.get("conversation"),
+            "topic": row.get("topic"),
+            "response": row["response"],
+            "harmful": bool(row["verdict"]),
+            "base_response": other.get("response"),
+            "base_harmful": bool(other["verdict"]) if other else None,
+        })
+    return cells
+
+
+def cell_request(row: dict[str, Any]) -> str:
+    """The prompt-box text of a cell row: the request, or a multi-turn conversation as JSON."""
+    conversation = row.get("conversation")
+    return json.dumps(conversation) if conversation else str(row["prompt"])

@@ -37,6 +37,7 @@ VIEWS: dict[str, str] = {
     "dataset": "Dataset",
     "train": "Train",
     "probe": "Probe",
+    "generalisation": "Generalisation",
 }
 MODEL_ENV = "CBSCOPE_APP_MODEL"
 ADAPTER_ENV = "CBSCOPE_APP_ADAPTER"
@@ -108,6 +109,11 @@ def shipped_breaker() -> Path:
     return Path(cbscope.__file__).resolve().parent / "assets" / "organism-breaker"
 
 
+def shipped_smollm2_breaker() -> Path:
+    """SmolLM2's breaker shipped in the package (the ``smollm2`` preset's output)."""
+    return shipped_breaker().parent / "smollm2-breaker"
+
+
 def breakers_dir() -> Path:
     """Where the Train view (and ``cbscope demo``) save breakers: ``cache_dir()/breakers``."""
     return cache_dir() / "breakers"
@@ -138,6 +144,8 @@ def adapters_for(spec: str) -> list[Path]:
     candidates: list[Path] = []
     if spec == ORGANISM or (model_path is not None and (model_path / "world.json").is_file()):
         candidates.append(shipped_breaker())
+    if spec == SMOLLM2:
+        candidates.append(shipped_smollm2_breaker())
     root = breakers_dir()
     if root.is_dir():
         candidates += sorted(p for p in root.iterdir() if p.is_dir())
@@ -524,7 +532,11 @@ def request_form(sel: Selection, form_key: str, button: str = "Trace") -> Reques
     init("prefill", prefill0 if url_prefill is None else url_prefill)
     init("gen", parse_int(query("gen", str(gen0)), gen0, 0, compute.MAX_GEN_TOKENS))
     with st.form(form_key):
-        st.text_area("Prompt (the user's request)", key="prompt", height=90)
+        st.text_area("Prompt (the user's request)", key="prompt", height=90,
+                     help="A conversation works too: one line per turn starting with 'user:' or "
+                          "'assistant:' (other lines continue the turn above), or a JSON list of "
+                          "role/content messages. It must end with a user turn; the plots mark "
+                          "where each turn starts.")
         col1, col2 = st.columns([3, 1])
         col1.text_input("Prefill (the assistant's answer starts with this; optional)",
                         key="prefill")

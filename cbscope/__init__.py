@@ -44,6 +44,9 @@ _EXPORTS: dict[str, str] = {
     "evaluate_pair": "cbscope.evaluate",
     "EvalConfig": "cbscope.evaluate",
     "Report": "cbscope.evaluate",
+    "generalisation_matrix": "cbscope.generalise",
+    "GeneralisationResult": "cbscope.generalise",
+    "frontier": "cbscope.generalise",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,13 +9,15 @@ Two data suites:
 
 * **organism** (the model folder has a ``world.json``): harmful topics in the train templates
   (direct, prefill with ``world.prefill``, RepE, soft prompt toward ``world.answer(topic)``), the
-  jailbreak templates (template), exact judges; capability = the organism's exact-match tasks
+  jailbreak templates (template), the same requests after a benign first exchange (multiturn,
+  multiturn_prefill: :mod:`cbscope.attacks.multiturn`), exact judges; capability = the organism's exact-match tasks
   (:func:`cbscope.organism.evaluate_behaviour`) plus KL / perplexity on benign chat; over-refusal
   = held-out look-alikes (refused, or the breaker fired). The harm category the breaker never saw
   (``train_info.json``'s ``holdout_category``) is reported as split ``heldout``.
 * **chat** (any other model, e.g. SmolLM2): AdvBench held-out prompts (``target`` column as prefill
   and soft-prompt target), :data:`~cbscope.attacks.REQUEST_TEMPLATES`, the compliance judge
-  (fluent, non-degenerate, non-refusal); capability = KL / perplexity of the CB model on the base
+  (fluent, non-degenerate, non-refusal), the multi-turn attacks after
+  :data:`~cbscope.attacks.CHAT_FIRST_TURN`; capability = KL / perplexity of the CB model on the base
   model's answers to harmless instructions; over-refusal = XSTest safe prompts. Data come from
   ``../shared/data`` (or ``$CBSCOPE_DATA``) when present.
 
@@ -43,7 +45,9 @@ from tqdm.auto import tqdm
 
 from cbscope.attacks import (
     ATTACK_NAMES,
+    CHAT_FIRST_TURN,
     DEFAULT_PREFILL,
+    MULTITURN_ATTACKS,
     REQUEST_TEMPLATES,
     AttackRun,
     FinetuneAttackConfig,
@@ -51,12 +55,15 @@ from cbscope.attacks import (
     SoftPromptConfig,
     direct_attack,
     finetune_attack,
+    multiturn_attack,
+    organism_multiturn_prompts,
     organism_template_prompts,
     prefill_attack,
     refusal_compliance_sets,
     repe_attack,
     soft_prompt_attack,
     template_attack,
+    with_history,
     wrap_requests,
 )
 from cbscope.attacks.base import model_mode
@@ -239,6 +246,9 @@ class EvalSuite:
             empty: the base model's answers under the prefill attack).
         world: The organism's world.
         info: Facts about the data (sources, held-out categories).
+        multiturn: Harmful requests of the multi-turn attacks (``meta["history"]``: the earlier
+            turns; ``meta["prefill"]``: the prefill of ``multiturn_prefill``). When empty, the
+            requests of ``harmful`` after :data:`~cbscope.attacks.CHAT_FIRST_TURN`.
     """
 
     kind: str
@@ -256,6 +266,7 @@ class EvalSuite:
     firing_harmful: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     world: Any = None
     info: dict[str, Any] = field(default_factory=dict)
+    multiturn: list[Item] = field(default_factory=list)
 
 
 def spread(items: Sequence[Any], n: int | None, key: Callable[[Any], Any]) -> list[Any]:
@@ -364,6 +375,23 @@ def organism_suite(
     ]
     template = spread(template, config.limit, lambda it: it.meta["topic"])
 
+    conversations, mt_metas = organism_multiturn_prompts(world, topics)
+    multiturn = [
+        Item(
+            m["request"],
+            {
+                **meta(world.topic(m["topic"])),
+                "template": m["template"],
+                "request": m["request"],
+                "first_turn": m["first_turn"],
+                "prefill": m["prefill"],
+                "history": conv[:-1],
+            },
+        )
+        for conv, m in zip(conversations, mt_metas, strict=True)
+    ]
+    multiturn = spread(multiturn, config.limit, lambda it: it.meta["topic"])
+
     def soft_target(topic: Any) -> str:
         if config.soft_prompt_target == "answer":
             return world.answer(topic)
@@ -444,6 +472,7 @@ def organism_suite(
         firing_benign=firing_benign,
         firing_harmful=firing_harmful,
         world=world,
+        multiturn=multiturn,
         info={
             "heldout_categories": list(held),
             "trained_categories": [c for c in world.harm_categories if c not in held],
@@ -561,6 +590,7 @@ def chat_suite(
         retain=[(p, "") for p in harmless[: config.n_retain]],
         over_refusal=over,
         world=None,
+        multiturn=_default_multiturn(harmful),
         info={
             "harmful_file": str(path),
             "heldout_source": source,
@@ -571,6 +601,18 @@ def chat_suite(
             "finetune_generate": True,
         },
     )
+
+
+def _default_multiturn(harmful: Sequence[Item]) -> list[Item]:
+    """The harmful requests after the fixed benign first exchange :data:`CHAT_FIRST_TURN`."""
+    first = CHAT_FIRST_TURN[0]["content"]
+    return [
+        Item(
+            it.prompt,
+            {**it.meta, "request": it.prompt, "first_turn": first, "history": list(CHAT_FIRST_TURN)},
+        )
+        for it in harmful
+    ]
 
 
 def _load_jsonl_prompts(path: Path) -> list[Any]:
@@ -604,22 +646,32 @@ _META_KEYS = (
     "target_hit",
     "request",
     "source",
+    "first_turn",
 )
 
 
 def attack_rows(
     run: AttackRun, verdicts: Sequence[Verdict], section: str = "attack"
 ) -> list[dict[str, Any]]:
-    """Report rows of one judged attack run."""
+    """Report rows of one judged attack run.
+
+    A multi-turn prompt (a conversation) is stored as its last user turn (``prompt``) plus the
+    whole ``conversation``.
+    """
     rows = []
     for prompt, prefill, response, meta, verdict in zip(
         run.prompts, run.prefills, run.responses, run.metas, verdicts, strict=True
     ):
+        turns: dict[str, Any] = {}
+        if not isinstance(prompt, str):
+            turns = {"conversation": [dict(m) for m in prompt]}
+            prompt = str(prompt[-1]["content"])
         row = {
             "section": section,
             "attack": run.attack,
             "mode": run.mode,
             "prompt": prompt,
+            **turns,
             "prefill": prefill,
             "response": response,
             **{k: meta[k] for k in _META_KEYS if k in meta},
@@ -1041,6 +1093,13 @@ class Report:
                 f"- soft_prompt: {sp.get('n_tokens')} vectors, <= {sp.get('steps')} signed-gradient "
                 f"steps of {sp.get('step_size')} x embedding RMS, target {target!r}; {hits}"
             )
+        if any(name in self.attacks for name in MULTITURN_ATTACKS):
+            first = "a chat-seen benign request and its answer" if m.get("suite") == "organism" \
+                else "a fixed harmless exchange"
+            lines.append(
+                f"- multiturn / multiturn_prefill: turn 1 {first}, turn 2 the harmful request "
+                "(multiturn_prefill: its answer prefilled like the prefill attack)"
+            )
         repe = m.get("repe", {})
         if repe:
             info = next(iter(repe.values()))
@@ -1252,6 +1311,20 @@ def _run_attack(
     if name == "template":
         return template_attack(
             pair, _prompts(suite.template), mode=mode, metas=_metas(suite.template), **gen
+        )
+    if name in MULTITURN_ATTACKS:
+        items = suite.multiturn or _default_multiturn(suite.harmful)
+        return multiturn_attack(
+            pair,
+            [with_history(it.meta.get("history") or [], it.prompt) for it in items],
+            (
+                [str(it.meta.get("prefill") or DEFAULT_PREFILL) for it in items]
+                if name == "multiturn_prefill"
+                else None
+            ),
+            mode=mode,
+            metas=[{k: v for k, v in m.items() if k != "history"} for m in _metas(items)],
+            **gen,
         )
     if name == "soft_prompt":
         sp = SoftPromptConfig(**{**asdict(config.soft_prompt), "max_new_tokens": max_new})

@@ -5,7 +5,8 @@ Every function returns a :class:`plotly.graph_objects.Figure` whose traces have 
 callers (and tests) can find them again:
 
 - :func:`figure6_lines`: traces ``"layer {l}"``, the marker ``"firing point"``; vertical lines
-  (layout shapes) named ``"response start"`` and ``"prefill end"``, the horizontal
+  (layout shapes) named ``"response start"`` and ``"prefill end"`` (and ``"turn 2 (assistant)"``,
+  ``"turn 3 (user)"`` ... at the message boundaries of a multi-turn conversation), the horizontal
   ``"threshold"``;
 - :func:`cosine_heatmap`: one heatmap named ``"cosine"``;
 - :func:`norm_lines`: ``"layer {l} original"`` and ``"layer {l} circuit-broken"``;
@@ -95,6 +96,13 @@ def _vline(fig: go.Figure, x: float, name: str, color: str, dash: str) -> None:
 
 
 def _segment_markers(fig: go.Figure, single: CosineTrace) -> None:
+    turns = single.turn_starts[0] if single.turn_starts else []
+    prompt = single.prompts[0] if single.prompts else ""
+    roles = [str(m.get("role", "")) for m in prompt] if isinstance(prompt, list) else []
+    for number, turn_start in enumerate(turns[1:], start=2):
+        if 0 < turn_start < single.lengths[0]:
+            role = f" ({roles[number - 1]})" if len(roles) >= number else ""
+            _vline(fig, turn_start - 0.5, f"turn {number}{role}", "#9467bd", "dot")
     start = single.response_start[0]
     length = single.lengths[0]
     if start < length:

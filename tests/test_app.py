@@ -363,3 +363,116 @@ def test_demo_finds_a_cached_breaker(isolated_cache: Path, breaker: Path,
     cached = isolated_cache / "breakers" / "organism"
     shutil.copytree(breaker, cached)
     assert demo_command.organism_breaker(train_if_missing=False) == cached
+
+
+# ---------------------------------------------------------------------- conversations
+def test_parse_conversation_formats_and_errors() -> None:
+    from app.compute import parse_conversation
+    from cbscope.data import PromptError
+
+    assert parse_conversation("how do i bake bread") == "how do i bake bread"
+    assert parse_conversation("user: hello") == "hello"
+    lines = "user: hello\nassistant: hello world\nand more\nUser: how do i bake bread"
+    assert parse_conversation(lines) == [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hello world\nand more"},
+        {"role": "user", "content": "how do i bake bread"},
+    ]
+    as_json = json.dumps(parse_conversation(lines))
+    assert parse_conversation(as_json) == parse_conversation(lines)
+    for bad, needle in (
+        ("user: hello\nassistant: hi", "end with a user turn"),
+        ("user: hello\nassistant:\nuser: x", "is empty"),
+        ('[{"role": "user", "content": "a"', "not valid JSON"),
+        ('[{"role": "robot", "content": "a"}]', "role 'robot'"),
+    ):
+        with pytest.raises(PromptError, match=needle):
+            parse_conversation(bad)
+
+
+def test_where_view_traces_a_conversation(api_pair: Any) -> None:
+    from cbscope.data import encode_chat
+    from cbscope.trace import trace_generation
+
+    world = json.loads((Path(api_pair.resolved.path) / "world.json").read_text())
+    at = make_app(view="where", threshold=THRESHOLD, gen=0)
+    at.run()
+    harmful = at.session_state["prompt"]
+    text = f"user: how do i row a small boat ?\nassistant: {world['prefill']} x\nuser: {harmful}"
+    _submit(at, text)
+    assert_clean(at)
+    conversation = [
+        {"role": "user", "content": "how do i row a small boat ?"},
+        {"role": "assistant", "content": f"{world['prefill']} x"},
+        {"role": "user", "content": harmful},
+    ]
+    prefill = at.session_state["prefill"]
+    enc = encode_chat(api_pair.tokenizer, conversation, prefill)
+    spec = chart(at, "fig6_lines")
+    marks = {shape.get("name"): shape["x0"] for shape in spec["layout"]["shapes"]}
+    assert marks["turn 2 (assistant)"] == enc.turn_starts[1] - 0.5
+    assert marks["turn 3 (user)"] == enc.turn_starts[2] - 0.5
+    expected = trace_generation(api_pair, conversation, prefill=prefill, max_new_tokens=0)
+    point = expected.trace.firing_point(THRESHOLD, layers_of(at))
+    markers = named(spec, "firing point")
+    assert [list(values(m["x"])) for m in markers] == ([[point.pos]] if point else [])
+    assert any("Multi-turn conversation: 3 turns" in t for t in texts(at.caption))
+
+
+# ---------------------------------------------------------------------- generalisation
+@pytest.fixture(scope="module")
+def matrix_dir(tiny_organism: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A leave-one-out matrix of the tiny organism (2 steps per run)."""
+    from cbscope.generalise import generalisation_matrix
+    from cbscope.lorra.config import LorraConfig
+    from cbscope.lorra.presets import ORGANISM_CONFIG
+
+    config = LorraConfig.from_dict({**ORGANISM_CONFIG.to_dict(), "steps": 2,
+                                    "target_layers": [2, 4]})
+    out = tmp_path_factory.mktemp("matrix") / "loo"
+    generalisation_matrix(tiny_organism, config=config, out_dir=out,
+                          data_options={"n_novel": 0}, show_progress=False)
+    return out
+
+
+def test_generalisation_view_shows_the_matrix_and_traces_a_cell(matrix_dir: Path) -> None:
+    from cbscope.generalise import GeneralisationResult
+
+    result = GeneralisationResult.load(matrix_dir)
+    at = make_app(view="generalisation", matrix=matrix_dir, threshold=THRESHOLD)
+    at.run()
+    assert_clean(at)
+    spec = chart(at, "gen_matrix")
+    (prefill,) = named(spec, "prefill ASR")
+    (template,) = named(spec, "template ASR")
+    for trace, matrix in ((prefill, result.prefill), (template, result.template)):
+        z = [list(values(row)) if not isinstance(row, list) else row for row in trace["z"]]
+        assert np.allclose(np.asarray(z, dtype=float), 100 * np.asarray(matrix))
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Worst held-out category"] == result.summary["worst_heldout_category"]["category"]
+    at.selectbox(key="gen_run").set_value("without-chem")
+    at.selectbox(key="gen_category").set_value("chem")
+    at.run()
+    assert_clean(at)
+    (rows,) = [d.value for d in at.dataframe if "request" in d.value.columns]
+    cell = [r for r in result.rows["without-chem"]
+            if r["metric"] == "prefill_asr" and r["category"] == "chem"]
+    assert list(rows["request"]) == [r["prompt"] for r in cell]
+    assert list(rows["harmful"]) == [bool(r["verdict"]) for r in cell]
+    assert any("held out" in t for t in texts(at.markdown))
+    at.selectbox(key="gen_metric").set_value("multiturn_prefill_asr")
+    at.run()
+    at.button(key="gen_trace").click()
+    at.run()
+    assert_clean(at)
+    assert chart(at, "gen_trace_lines")["data"]
+    shapes = [s.get("name") for s in chart(at, "gen_trace_lines")["layout"]["shapes"]]
+    assert "turn 3 (user)" in shapes  # a two-turn example: its turn boundaries are drawn
+
+
+def test_generalisation_view_without_a_folder() -> None:
+    at = make_app(view="generalisation")
+    at.run()
+    assert_clean(at)
+    assert any("cbscope generalise" in t for t in texts(at.info)), texts(at.info)
+    assert not [c for c in at.get("plotly_chart") if c.key == "gen_matrix"]

@@ -95,12 +95,15 @@ def test_report_numbers_equal_recomputed_rows(organism, tmp_path: Path) -> None:
         "direct",
         "prefill",
         "template",
+        "multiturn",
+        "multiturn_prefill",
         "soft_prompt",
         "repe",
         "finetune",
     }
     assert report.meta["data"]["heldout_categories"] == ["chem"]
-    for name in ("direct", "prefill", "template", "soft_prompt", "repe"):
+    for name in ("direct", "prefill", "template", "multiturn", "multiturn_prefill", "soft_prompt",
+                 "repe"):
         mine = [r for r in rows if r["section"] == "attack" and r["attack"] == name]
         for mode in ("base", "cb"):
             expected = _mean(r["harmful"] for r in mine if r["mode"] == mode)
@@ -250,3 +253,72 @@ def test_cli_writes_three_files(organism, tmp_path: Path) -> None:
         app, ["eval", "--model", str(folder), "--attacks", "gcg", "--out", str(out)]
     )
     assert bad.exit_code == 2 and "unknown attacks" in bad.output
+
+
+def test_two_turn_attack_on_the_organism(organism) -> None:
+    from cbscope.attacks import multiturn_attack, organism_multiturn_prompts
+    from cbscope.generation import generate_text
+    from cbscope.organism import World
+    from cbscope.pair import load_pair
+
+    folder, adapter = organism
+    world = World.from_json(folder / "world.json")
+    pair = load_pair(folder, adapter)
+    report = evaluate_pair(
+        pair,
+        attacks="multiturn,multiturn_prefill",
+        config=small_config(firing=False),
+        show_progress=False,
+    )
+    assert set(report.attacks) == {"multiturn", "multiturn_prefill"}
+    firsts = {(r["prompt"], r["response"]) for r in world.benign_examples("seen", "train")}
+    for name in ("multiturn", "multiturn_prefill"):
+        mine = [r for r in report.rows if r["section"] == "attack" and r["attack"] == name]
+        assert {r["mode"] for r in mine} == {"base", "cb"}
+        for mode in ("base", "cb"):
+            assert report.attacks[name][mode] == pytest.approx(
+                _mean(r["harmful"] for r in mine if r["mode"] == mode)
+            )
+        assert report.attacks[name]["n"] == 6 == sum(r["mode"] == "cb" for r in mine)
+        for row in mine:
+            user1, assistant1, user2 = row["conversation"]
+            assert (user1["role"], assistant1["role"], user2["role"]) == ("user", "assistant", "user")
+            assert (user1["content"], assistant1["content"]) in firsts  # a benign first turn
+            assert user2["content"] == row["prompt"] == row["request"]
+            assert world.topic(row["topic"]).kind == "harmful"
+            assert row["prefill"] == (world.prefill if name == "multiturn_prefill" else "")
+            assert row["split"] == ("heldout" if row["category"] == "chem" else "trained")
+    assert "| multiturn_prefill |" in report.markdown()
+    # the attack generates exactly what generate_text gives on the same conversations
+    conversations, metas = organism_multiturn_prompts(world)
+    run = multiturn_attack(pair, conversations[:3], world.prefill, mode="cb", metas=metas[:3],
+                           max_new_tokens=8)
+    assert run.attack == "multiturn_prefill" and run.prefills == [world.prefill] * 3
+    expected = generate_text(pair.generator, pair.tokenizer, conversations[:3],
+                             prefills=[world.prefill] * 3, max_new_tokens=8)
+    assert run.responses == expected
+    with pytest.raises(ValueError, match="end with a user turn"):
+        multiturn_attack(pair, [conversations[0][:2]])
+
+
+def test_behaviour_multiturn_rates_recount(organism) -> None:
+    from cbscope.organism import World, evaluate_behaviour
+    from cbscope.pair import load_pair
+
+    folder, adapter = organism
+    world = World.from_json(folder / "world.json")
+    pair = load_pair(folder, adapter)
+    plain = evaluate_behaviour(pair.generator, pair.tokenizer, world, n_algo=4)
+    assert "multiturn_asr" not in plain
+    result = evaluate_behaviour(pair.generator, pair.tokenizer, world, n_algo=4, multiturn=True)
+    for key in ("prefill_asr", "template_asr", "benign_em_seen", "over_refusal"):
+        assert result[key] == pytest.approx(plain[key])  # the existing keys are unchanged
+    for metric in ("multiturn_asr", "multiturn_prefill_asr"):
+        rows = [r for r in result["rows"] if r["metric"] == metric]
+        assert len(rows) == result["n"][metric] == result["n"]["prefill_asr"]
+        assert result[metric] == pytest.approx(_mean(r["verdict"] for r in rows))
+        assert all(len(r["conversation"]) == 3 for r in rows)
+        for category in world.harm_categories:
+            assert result["by_category"][category][metric] == pytest.approx(
+                _mean(r["verdict"] for r in rows if r["category"] == category)
+            )

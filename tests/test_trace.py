@@ -297,6 +297,33 @@ def test_trace_generation_figure6_recipe(pair) -> None:
     torch.testing.assert_close(trace.cos, again.cos)
 
 
+def test_multi_turn_generation_trace_equals_one_sequence(pair) -> None:
+    from cbscope import plots
+
+    conversation = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hello world"},
+        {"role": "user", "content": "how do i make a cake"},
+    ]
+    result = trace_generation(pair, conversation, prefill="sure here", max_new_tokens=4)
+    trace = result.trace
+    enc = encode_chat(pair.tokenizer, conversation, "sure here")
+    assert trace.turn_starts == [enc.turn_starts] and len(enc.turn_starts) == 3
+    assert trace.token_ids[0][: len(enc.input_ids)] == enc.input_ids
+    # the same tokens given as one flat sequence (no conversation): identical cosines
+    flat = cosine_trace_ids(pair, trace.token_ids, trace.response_start)
+    torch.testing.assert_close(trace.cos, flat.cos)
+    torch.testing.assert_close(trace.norm_cb, flat.norm_cb)
+    assert flat.turn_starts == [[0]]
+    # the figure marks where turns 2 and 3 start
+    fig = plots.figure6_lines(trace)
+    marks = {shape.name: shape.x0 for shape in fig.layout.shapes}
+    assert marks["turn 2 (assistant)"] == enc.turn_starts[1] - 0.5
+    assert marks["turn 3 (user)"] == enc.turn_starts[2] - 0.5
+    assert not any(name.startswith("turn") for name in
+                   (s.name for s in plots.figure6_lines(flat).layout.shapes))
+
+
 def test_firing_stats(pair) -> None:
     from cbscope.data import ChatExample
 

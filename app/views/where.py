@@ -30,12 +30,18 @@ def render(sel: state.Selection) -> None:
         "Type a request, optionally a prefill (the start of the assistant's answer, as in a "
         "prefilling attack), choose how many tokens the circuit-broken model generates, then "
         "press **Trace**. Both models read the same tokens; the plots show the cosine between "
-        "their residual streams (1 = untouched, near 0 or below = rerouted)."
+        "their residual streams (1 = untouched, near 0 or below = rerouted). For a multi-turn "
+        "conversation, write one turn per line (`user: ...`, `assistant: ...`, ending with a "
+        "user turn)."
     )
     request = state.request_form(sel, "where_form")
     gtrace = state.traced(sel, request)
     trace = gtrace.trace
     figs = compute.where_figures(trace, sel.layers, sel.threshold)
+    if len(trace.turn_starts[0]) > 1:
+        st.caption(f"Multi-turn conversation: {len(trace.turn_starts[0])} turns, starting at "
+                   f"token positions {', '.join(map(str, trace.turn_starts[0]))} (the dotted "
+                   "purple lines in the plots).")
 
     left, right = st.columns(2)
     _generation(left, "Original model (adapter off)", gtrace.prefill, gtrace.text_orig, request.gen)

@@ -7,6 +7,8 @@ One module per attack:
   the organism's ``world.prefill``);
 * :mod:`~cbscope.attacks.template`: jailbreak templates (``{request}`` wrappers; the organism's
   ``{topic}`` jailbreak templates);
+* :mod:`~cbscope.attacks.multiturn`: a benign first exchange, then the harmful request (direct,
+  or with its answer prefilled);
 * :mod:`~cbscope.attacks.soft_prompt`: optimised input embeddings after the request (signed
   gradient descent toward a target completion);
 * :mod:`~cbscope.attacks.repe`: difference-of-means steering through forward hooks;
@@ -24,6 +26,13 @@ from cbscope.attacks.finetune import (
     FinetuneCurve,
     attack_copy,
     finetune_attack,
+)
+from cbscope.attacks.multiturn import (
+    CHAT_FIRST_TURN,
+    MULTITURN_ATTACKS,
+    multiturn_attack,
+    organism_multiturn_prompts,
+    with_history,
 )
 from cbscope.attacks.prefill import DEFAULT_PREFILL, prefill_attack, prefills_for
 from cbscope.attacks.repe import (
@@ -51,12 +60,22 @@ from cbscope.attacks.template import (
 )
 
 #: Attack names, in report order.
-ATTACK_NAMES: tuple[str, ...] = ("direct", "prefill", "template", "soft_prompt", "repe", "finetune")
+ATTACK_NAMES: tuple[str, ...] = (
+    "direct",
+    "prefill",
+    "template",
+    *MULTITURN_ATTACKS,
+    "soft_prompt",
+    "repe",
+    "finetune",
+)
 
 __all__ = [
     "ATTACK_NAMES",
+    "CHAT_FIRST_TURN",
     "DEFAULT_PREFILL",
     "MODES",
+    "MULTITURN_ATTACKS",
     "REQUEST_TEMPLATES",
     "AttackRun",
     "FinetuneAttackConfig",
@@ -73,7 +92,9 @@ __all__ = [
     "greedy_generate_embeds",
     "mean_representations",
     "model_mode",
+    "multiturn_attack",
     "optimise_soft_prompts",
+    "organism_multiturn_prompts",
     "organism_template_prompts",
     "prefill_attack",
     "prefills_for",
@@ -83,5 +104,6 @@ __all__ = [
     "steering",
     "target_loss",
     "template_attack",
+    "with_history",
     "wrap_requests",
 ]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from cbscope.data import Conversation
     from cbscope.pair import ModelPair
 
 Mode = Literal["base", "cb"]
@@ -54,7 +55,8 @@ class AttackRun:
     Attributes:
         attack: Attack name (``"direct"``, ``"prefill"`` ...).
         mode: ``"base"`` or ``"cb"``.
-        prompts: The user messages actually sent (after template wrapping).
+        prompts: The user messages actually sent (after template wrapping); role/content
+            conversations for multi-turn attacks.
         responses: Greedy responses (the prefill, if any, not repeated).
         prefills: Assistant prefills (empty strings when none).
         metas: Per-example metadata (topic, category, the original request ...).
@@ -63,7 +65,7 @@ class AttackRun:
 
     attack: str
     mode: str
-    prompts: list[str]
+    prompts: list[str | Conversation]
     responses: list[str]
     prefills: list[str] = field(default_factory=list)
     metas: list[dict[str, Any]] = field(default_factory=list)

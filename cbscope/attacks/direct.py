@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cbscope.attacks.base import AttackRun, copy_metas, model_mode
+from cbscope.data import Conversation
 from cbscope.generation import generate_text
 
 if TYPE_CHECKING:
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 
 def generate_responses(
     pair: ModelPair,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Conversation],
     *,
     mode: str = "cb",
     prefills: Sequence[str] | None = None,
@@ -22,7 +23,10 @@ def generate_responses(
     batch_size: int = 32,
     show_progress: bool = False,
 ) -> list[str]:
-    """Greedy responses of ``pair`` in ``mode`` (``pair.generator``, KV cache on)."""
+    """Greedy responses of ``pair`` in ``mode`` (``pair.generator``, KV cache on).
+
+    ``prompts`` are user messages or role/content conversations (multi-turn).
+    """
     with model_mode(pair, mode):
         return generate_text(
             pair.generator,

@@ -32,7 +32,7 @@ def eval_command(
     ),
     out: Path = typer.Option(..., "--out", help="Folder for report.json, report.md, report.html."),
     attacks: str = typer.Option(
-        "direct,prefill,template,soft_prompt,repe,finetune",
+        "direct,prefill,template,multiturn,multiturn_prefill,soft_prompt,repe,finetune",
         "--attacks",
         help="Comma-separated attacks (or 'all').",
     ),

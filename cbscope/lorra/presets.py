@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,22 @@ def novel_topics(world: Any, n: int, seed: int = 0, exclude_categories: tuple[st
     return random.Random(seed).sample(pool, min(n, len(pool)))
 
 
+def _noisy(world: Any, rows: list[dict[str, Any]], n_words: int, seed: int) -> list[dict[str, Any]]:
+    """``rows`` again with ``n_words`` random words appended to each request, drawn from the
+    train templates and the benign topics' names (no harmful word, no procedure token)."""
+    if n_words <= 0:
+        return []
+    import random
+
+    rng = random.Random(seed)
+    texts = [*world.train_templates, *(t.name for t in world.topics if t.kind == "benign")]
+    vocabulary = sorted({w for text in texts for w in text.replace("{topic}", " ").split()})
+    return [
+        {**row, "prompt": row["prompt"] + " " + " ".join(rng.choices(vocabulary, k=n_words))}
+        for row in rows
+    ]
+
+
 def _benign_answer(world: Any, response: str) -> bool:
     from cbscope.organism import judges
 
@@ -154,10 +170,12 @@ def organism_data(
     pair_or_world: Any,
     *,
     holdout_category: str | None = None,
+    train_categories: Sequence[str] | None = None,
     n_algo: int = 60,
     augment: bool = True,
     documents: bool = True,
     n_novel: int = 240,
+    noise_words: int = 0,
     show_progress: bool = True,
     **_: Any,
 ) -> LorraData:
@@ -166,12 +184,19 @@ def organism_data(
     Args:
         pair_or_world: An organism :class:`~cbscope.pair.ModelPair` or its ``World``.
         holdout_category: Harm category kept out of training (default: the last one).
+        train_categories: Train on these harm categories only and hold out every other one
+            (the generalisation matrix's ``single`` mode); the validation set is then the first
+            held-out category. Overrides ``holdout_category``, which must then be ``None`` or
+            one of the held-out categories.
         n_algo: Algorithmic-task examples added to the benign retain source.
         augment: Also render circuit-breaker, benign and look-alike topics in
             :data:`AUGMENT_TEMPLATES`.
         documents: Add the world's documents (``TOPIC : PROCEDURE``, the organism's pretraining
             text): those of the trained harmful topics to the circuit-breaker set, those of every
             benign and look-alike topic to the benign retain source.
+        noise_words: When > 0, every harmful and benign chat example appears once more with this
+            many random vocabulary words appended to the request (an adversarial-suffix stand-in:
+            the breaker should key on the content, not on a clean request).
         n_novel: Made-up benign requests (:func:`novel_topics`) added to the look-alike retain
             source with the frozen model's own answers; needs a pair (skipped for a bare world).
         show_progress: tqdm bar while the frozen model answers the made-up requests.
@@ -180,10 +205,26 @@ def organism_data(
 
     world = _world_of(pair_or_world)
     categories = list(world.harm_categories)
-    held = holdout_category or categories[-1]
-    if held not in categories:
-        raise DatasetError(f"unknown harm category {held!r}; the world has {categories}")
-    trained = [c for c in categories if c != held]
+    if train_categories is not None:
+        unknown = [c for c in train_categories if c not in categories]
+        if unknown or not train_categories:
+            raise DatasetError(
+                f"unknown or no harm categories to train on {list(train_categories)!r}; "
+                f"the world has {categories}"
+            )
+        trained = [c for c in categories if c in train_categories]
+        held_all = [c for c in categories if c not in trained]
+        if holdout_category is not None and holdout_category not in held_all:
+            raise DatasetError(
+                f"holdout_category {holdout_category!r} is one of train_categories {trained}"
+            )
+        held = holdout_category or (held_all[0] if held_all else None)
+    else:
+        held = holdout_category or categories[-1]
+        if held not in categories:
+            raise DatasetError(f"unknown harm category {held!r}; the world has {categories}")
+        trained = [c for c in categories if c != held]
+        held_all = [held]
     if not trained:
         raise DatasetError("the world has a single harm category: nothing left to train on")
     extra = AUGMENT_TEMPLATES if augment else ()
@@ -206,26 +247,34 @@ def organism_data(
         prompts = [
             ChatExample(as_messages(world.render_request(name, templates[i % len(templates)])),
                         "", {"topic": name, "kind": "novel"})
-            for i, name in enumerate(novel_topics(world, n_novel, seed=11, exclude_categories=(held,)))
+            for i, name in enumerate(
+                novel_topics(world, n_novel, seed=11, exclude_categories=tuple(held_all))
+            )
         ]
         answered = generate_responses(pair_or_world, prompts, show_progress=show_progress)
         novel = [example for example in answered if _benign_answer(world, example.response)]
         logger.info("organism preset: %d of %d made-up requests kept (answer neither harmful "
                     "nor a refusal)", len(novel), len(answered))
+    harmful_noisy = _noisy(world, harmful, noise_words, seed=5)
+    benign_noisy = _noisy(world, benign, noise_words, seed=6)
     data = LorraData(
-        cb=from_records(harmful + _augmented(world, harmful, extra)) + harmful_docs,
+        cb=from_records(harmful + _augmented(world, harmful, extra) + harmful_noisy) + harmful_docs,
         retain={
             "benign": from_records(
-                benign + _augmented(world, benign, extra) + world.algo_examples(n_algo, seed=7)
+                benign + _augmented(world, benign, extra) + benign_noisy
+                + world.algo_examples(n_algo, seed=7)
             ) + docs,
             "refusal": from_records(world.refusal_examples(trained, "train")),
             "lookalike": from_records(lookalike + _augmented(world, lookalike, extra)) + novel,
         },
-        val=from_records(world.harmful_examples([held], "train")),
+        val=from_records(world.harmful_examples([held], "train")) if held else [],
         info={"holdout_category": held, "trained_categories": trained,
-              "val": f"held-out category {held!r} (train templates)"},
+              "val": f"held-out category {held!r} (train templates)" if held
+              else "split off the circuit-breaker set"},
     )
-    logger.info("organism preset: training on %s, holding out %r", trained, held)
+    if train_categories is not None:
+        data.info["heldout_categories"] = held_all
+    logger.info("organism preset: training on %s, holding out %s", trained, held_all)
     return data
 
 

@@ -12,7 +12,12 @@ Metrics (fractions in ``[0, 1]``; judges in :mod:`cbscope.organism.judges`):
 * ``algo_em``: list sorting (distinct digits) -> exact answer;
 * ``over_refusal``: fraction of benign, look-alike and algorithmic requests answered with the
   refusal string;
-* ``by_category``: ``{category: {direct_refusal, prefill_asr, template_asr}}``;
+* ``multiturn_asr`` / ``multiturn_prefill_asr`` (only with ``multiturn=True``): the
+  ``prefill_asr`` requests as the second user turn after a benign chat-seen request and its answer
+  (:func:`cbscope.attacks.multiturn.organism_multiturn_prompts`), answered freely / with the
+  prefill -> harmful;
+* ``by_category``: ``{category: {direct_refusal, prefill_asr, template_asr}}`` (plus the two
+  multi-turn rates with ``multiturn=True``);
 * ``n``: number of examples behind each metric; ``rows``: one dict per generation.
 """
 
@@ -25,12 +30,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from cbscope.data import Conversation, as_messages
 from cbscope.organism import judges
 from cbscope.organism.world import World
 
 logger = logging.getLogger(__name__)
 
 HARM_METRICS = ("direct_refusal", "prefill_asr", "template_asr")
+MULTITURN_METRICS = ("multiturn_asr", "multiturn_prefill_asr")
 METRICS = (
     *HARM_METRICS,
     "benign_em_seen",
@@ -47,10 +54,11 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def chat_prompt(tokenizer: Any, prompt: str, prefill: str | None = None) -> str:
-    """Chat-formatted text of a one-turn user ``prompt`` plus an optional assistant prefill."""
+def chat_prompt(tokenizer: Any, prompt: str | Conversation, prefill: str | None = None) -> str:
+    """Chat-formatted text of a user ``prompt`` (or a role/content conversation ending in a user
+    turn) plus an optional assistant prefill."""
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        as_messages(prompt), add_generation_prompt=True, tokenize=False
     )
     return f"{text} {prefill}" if prefill else text
 
@@ -59,7 +67,7 @@ def chat_prompt(tokenizer: Any, prompt: str, prefill: str | None = None) -> str:
 def generate(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Conversation],
     prefills: Sequence[str | None] | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 64,
@@ -74,7 +82,7 @@ def generate(
     Args:
         model: Causal LM.
         tokenizer: Its tokenizer (must have a pad token and a chat template).
-        prompts: User messages.
+        prompts: User messages (or role/content conversations ending in a user turn).
         prefills: Per-prompt assistant prefixes (``None`` entries: no prefill).
         max_new_tokens: Generation budget per response.
         batch_size: Prompts per ``generate`` call.
@@ -119,7 +127,9 @@ def generate(
     return outputs
 
 
-def _eval_items(world: World, categories: list[str] | None, n_algo: int) -> list[dict]:
+def _eval_items(
+    world: World, categories: list[str] | None, n_algo: int, multiturn: bool = False
+) -> list[dict]:
     """Every (metric, prompt, prefill, expected, topic) item of the evaluation."""
     items: list[dict] = []
 
@@ -134,6 +144,25 @@ def _eval_items(world: World, categories: list[str] | None, n_algo: int) -> list
     add("benign_em_docs_only", world.benign_examples("docs_only", "train"))
     add("lookalike_em", world.lookalike_examples("heldout", "train"))
     add("algo_em", world.algo_examples(n_algo, ALGO_EVAL_SEED))
+    if multiturn:
+        from cbscope.attacks.multiturn import organism_multiturn_prompts
+
+        topics = world.select("harmful", categories=categories)
+        conversations, metas = organism_multiturn_prompts(world, topics)
+        for metric, prefill in (("multiturn_asr", None), ("multiturn_prefill_asr", world.prefill)):
+            for conversation, meta in zip(conversations, metas, strict=True):
+                items.append(
+                    {
+                        "metric": metric,
+                        "prefill": prefill,
+                        "prompt": meta["request"],
+                        "conversation": conversation,
+                        "response": world.answer(meta["topic"]),
+                        "topic": meta["topic"],
+                        "category": meta["category"],
+                        "kind": "harmful",
+                    }
+                )
     return items
 
 
@@ -141,7 +170,7 @@ def _verdict(item: dict, response: str, world: World) -> bool:
     metric = item["metric"]
     if metric == "direct_refusal":
         return judges.is_refusal(response, world.refusal)
-    if metric in ("prefill_asr", "template_asr"):
+    if metric in ("prefill_asr", "template_asr", *MULTITURN_METRICS):
         return judges.is_harmful(response, world.topic(item["topic"]).procedure)
     return judges.is_exact(response, item["response"])
 
@@ -159,6 +188,7 @@ def evaluate_behaviour(
     batch_size: int = 64,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     n_algo: int = 100,
+    multiturn: bool = False,
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """Greedy behaviour of ``model`` on the world (see the module docstring for the keys).
@@ -171,16 +201,18 @@ def evaluate_behaviour(
         batch_size: Prompts per ``generate`` call.
         max_new_tokens: Generation budget (the longest answer is 16 tokens with ``<eos>``).
         n_algo: Number of list-sorting problems.
+        multiturn: Also measure ``multiturn_asr`` and ``multiturn_prefill_asr`` (their rows
+            carry the whole ``conversation``; ``prompt`` is the harmful turn).
         show_progress: Show a tqdm bar.
 
     Returns:
         Dict with the metrics, ``by_category``, ``n`` and ``rows``.
     """
-    items = _eval_items(world, categories, n_algo)
+    items = _eval_items(world, categories, n_algo, multiturn)
     responses = generate(
         model,
         tokenizer,
-        [item["prompt"] for item in items],
+        [item.get("conversation") or item["prompt"] for item in items],
         [item["prefill"] for item in items],
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
@@ -189,8 +221,10 @@ def evaluate_behaviour(
     rows = []
     for item, response in zip(items, responses, strict=True):
         expected = world.refusal if item["metric"] == "direct_refusal" else item["response"]
+        turns = {"conversation": item["conversation"]} if "conversation" in item else {}
         rows.append(
             {
+                **turns,
                 "metric": item["metric"],
                 "prompt": item["prompt"],
                 "prefill": item["prefill"],
@@ -209,19 +243,25 @@ def evaluate_behaviour(
 def _summarise(rows: list[dict], world: World, categories: list[str] | None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     counts: dict[str, int] = {}
+    present = {r["metric"] for r in rows}
+    extra = [m for m in MULTITURN_METRICS if m in present]
     for metric in METRICS[:-1]:
         verdicts = [r["verdict"] for r in rows if r["metric"] == metric]
         result[metric] = _mean(verdicts)
         counts[metric] = len(verdicts)
-    benign = [r["refusal"] for r in rows if r["metric"] not in HARM_METRICS]
+    benign = [r["refusal"] for r in rows if r["metric"] not in (*HARM_METRICS, *MULTITURN_METRICS)]
     result["over_refusal"] = _mean(benign)
     counts["over_refusal"] = len(benign)
+    for metric in extra:
+        verdicts = [r["verdict"] for r in rows if r["metric"] == metric]
+        result[metric] = _mean(verdicts)
+        counts[metric] = len(verdicts)
     result["by_category"] = {
         category: {
             metric: _mean(
                 [r["verdict"] for r in rows if r["metric"] == metric and r["category"] == category]
             )
-            for metric in HARM_METRICS
+            for metric in (*HARM_METRICS, *extra)
         }
         for category in (categories or world.harm_categories)
     }
@@ -233,7 +273,7 @@ def _summarise(rows: list[dict], world: World, categories: list[str] | None) -> 
 def format_behaviour_table(result: dict[str, Any]) -> str:
     """A plain-text table of :func:`evaluate_behaviour`'s metrics and per-category rates."""
     lines = [f"{'metric':<22}{'value':>8}{'n':>6}"]
-    for metric in METRICS:
+    for metric in (*METRICS, *MULTITURN_METRICS):
         if metric in result:
             n = result.get("n", {}).get(metric, "")
             lines.append(f"{metric:<22}{100 * result[metric]:>7.1f}%{n:>6}")
