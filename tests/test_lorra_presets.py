@@ -136,3 +136,17 @@ def test_shipped_organism_breaker_matches_the_preset_and_fires() -> None:
     assert (trace.cos[0, :, start:start + 3] < 0.2).any(dim=1).all()  # every target layer
     benign_start, benign_end = trace.response_start[1], trace.lengths[1]
     assert float(trace.cos[1, :, benign_start:benign_end].mean()) >= 0.95
+
+
+def test_shipped_smollm2_breaker_matches_the_preset() -> None:
+    """The shipped SmolLM2 breaker is the ``smollm2`` preset's output: same config, no local paths,
+    held-out AdvBench prompts recorded, peft files present and under the 10 MB budget."""
+    from cbscope.lorra.presets import SMOLLM2_CONFIG
+
+    breaker = Path(__file__).resolve().parents[1] / "cbscope" / "assets" / "smollm2-breaker"
+    assert LorraConfig.load(breaker / "lorra_config.json") == SMOLLM2_CONFIG
+    info = json.loads((breaker / "train_info.json").read_text())
+    assert info["model"] == "smollm2-135m" and len(info["heldout_prompts"]) == 100
+    assert (breaker / "adapter_model.safetensors").stat().st_size < 10 * 2**20
+    for name in ("adapter_config.json", "cbscope_adapter.json", "train_info.json"):
+        assert "/work/" not in (breaker / name).read_text() and "/tmp/" not in (breaker / name).read_text()

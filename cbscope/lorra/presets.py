@@ -300,6 +300,15 @@ SMOLLM2_CONFIG = LorraConfig(
 )
 
 
+def _portable(path: Path) -> str:
+    """``path`` as recorded in ``train_info.json``: relative to the repository for the shared
+    data (``../shared/data/...``), so a shipped adapter carries no machine-local path."""
+    try:
+        return str(Path("..") / Path(path).resolve().relative_to(REPO_ROOT.parent.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _require(path: Path, option: str) -> Path:
     if not Path(path).is_file():
         raise FileNotFoundError(
@@ -376,7 +385,7 @@ def smollm2_data(
         retain={"benign": benign, "lookalike": safe},
         val=val,
         info={
-            "advbench": str(adv), "alpaca": str(alp), "xstest": str(xst),
+            "advbench": _portable(adv), "alpaca": _portable(alp), "xstest": _portable(xst),
             "heldout_prompts": [ex.prompt for ex in heldout],
             "val": "first 8 held-out AdvBench prompts",
         },
