@@ -94,7 +94,7 @@ def test_browser_prompt_to_figure(tiny_organism: Path, breaker: Path, tmp_path: 
                 page.set_default_timeout(PAGE_TIMEOUT_MS)
                 shot = tmp_path / "where.png"
                 page.goto(url + "/?view=where&gen=4&threshold=0.9")
-                prompt = page.get_by_label("Prompt (the user's request)")
+                prompt = page.get_by_role("textbox", name="Prompt (the user's request)", exact=True)
                 prompt.wait_for()
                 prompt.fill(prompt_text)
                 page.get_by_role("button", name="Trace", exact=True).click()

@@ -33,6 +33,7 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "03_train_and_ablate.ipynb": [r"most stable loss: (rr|rmu|random_norm|refusal_direction)"],
     "04_attacks_and_durability.ipynb": [r"steps to 50%: "],
+    "05_generalisation.ipynb": [r"loo: mean held-out ASR \d", r"live mean held-out ASR: "],
 }
 
 
