@@ -591,9 +591,12 @@ def train_circuit_breaker(
         if ctx is None:
             row = _train_step(pair, config, encoded.batch(plan[step]), step, layers, t_idx, r_idx, aux, optimizer)
         else:
-            row = _train_step_sharded(
-                pair, config, encoded, plan[step], step, layers, t_idx, r_idx, aux, optimizer, ctx
-            )
+            try:
+                row = _sharded_optimiser_step(
+                    pair, config, encoded, plan[step], step, layers, t_idx, r_idx, aux, optimizer, ctx
+                )
+            finally:
+                pair.bridge.eval()  # after backward, as in _train_step
         done = step + 1
         if done % config.log_every == 0 or done == total:
             row["val_cos"] = _val_cos(pair, val_chunks, val_orig, targets, ctx)
@@ -752,7 +755,7 @@ def _step_terms(
     }
 
 
-def _train_step_sharded(
+def _sharded_optimiser_step(
     pair: Any,
     config: LorraConfig,
     encoded: EncodedData,
@@ -772,27 +775,6 @@ def _train_step_sharded(
     the gradient of the whole batch's loss. Metrics are reduced over processes before the NaN
     check, so every process takes the same decision.
     """
-    try:
-        return _sharded_optimiser_step(
-            pair, config, encoded, entry, step, layers, t_idx, r_idx, aux, optimizer, ctx
-        )
-    finally:
-        pair.bridge.eval()
-
-
-def _sharded_optimiser_step(
-    pair: Any,
-    config: LorraConfig,
-    encoded: EncodedData,
-    entry: Mapping[str, Any],
-    step: int,
-    layers: list[int],
-    t_idx: Tensor | slice,
-    r_idx: Tensor | slice,
-    aux: Mapping[str, Tensor],
-    optimizer: torch.optim.Optimizer,
-    ctx: DistContext,
-) -> dict[str, Any]:
     whole = encoded.batch(entry)  # only for the global token counts (cheap: no forward)
     batch = encoded.batch(shard_entry(entry, ctx.rank, ctx.world_size))
     t = _step_terms(pair, config, batch, step, layers, t_idx, r_idx, aux)
