@@ -596,7 +596,7 @@ def train_circuit_breaker(
                     pair, config, encoded, plan[step], step, layers, t_idx, r_idx, aux, optimizer, ctx
                 )
             finally:
-                pair.bridge.eval()  # after backward, as in _train_step
+                pair.set_training(False)  # after backward, as in _train_step
         done = step + 1
         if done % config.log_every == 0 or done == total:
             row["val_cos"] = _val_cos(pair, val_chunks, val_orig, targets, ctx)
@@ -663,7 +663,7 @@ def _train_step(
     try:
         return _optimiser_step(pair, config, batch, step, layers, t_idx, r_idx, aux, optimizer)
     finally:
-        pair.bridge.eval()  # only after backward: checkpointed blocks recompute in training mode
+        pair.set_training(False)  # only after backward: checkpointed blocks recompute in training mode
 
 
 def _optimiser_step(
@@ -728,10 +728,10 @@ def _step_terms(
     ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
     cb_mask, retain_mask = batch.cb_mask.to(device), batch.retain_mask.to(device)
     n = batch.n_cb
-    pair.bridge.eval()
+    pair.set_training(False)
     with pair.original(), torch.no_grad():
         orig = pair.resid(ids, attention, layers)
-    pair.bridge.train()
+    pair.set_training(True)
     broken = pair.resid(ids, attention, layers)
     cb_orig, cb_broken = orig[t_idx, :n], broken[t_idx, :n]
     c_s, c_r = losses.schedule(step + 1, config.steps, config.lorra_alpha)

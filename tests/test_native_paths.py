@@ -1,4 +1,4 @@
-"""The bridge's native-attention fast path equals its hooked re-implementation."""
+"""The bridge's native fast paths (attention, normalisation) equal its hooked forwards."""
 
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ def batch(pair: ModelPair) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pattern_hooks(pair: ModelPair, calls: list[str]) -> list:
-    return [(f"blocks.{b}.attn.hook_pattern", lambda _t, hook: calls.append(hook.name))
-            for b in range(pair.n_layers)]
+    """Observing hooks inside every attention and normalisation: forces the hooked forwards."""
+    names = [f"blocks.{b}.{point}" for b in range(pair.n_layers)
+             for point in ("attn.hook_pattern", "ln1.hook_scale", "ln2.hook_normalized")]
+    return [(name, lambda _t, hook: calls.append(hook.name)) for name in names]
 
 
 def test_fast_path_is_installed_and_skips_the_hooked_reimplementation(pair: ModelPair) -> None:
@@ -43,7 +45,12 @@ def test_fast_path_is_installed_and_skips_the_hooked_reimplementation(pair: Mode
     assert calls == []
     with pair.bridge.hooks(fwd_hooks=pattern_hooks(pair, calls)):
         pair.resid(ids, mask, [1, 2, 3])
-    assert sorted(calls) == [f"blocks.{b}.attn.hook_pattern" for b in range(pair.n_layers)]
+    assert {name.split(".", 2)[2] for name in calls} == {
+        "attn.hook_pattern", "ln1.hook_scale", "ln2.hook_normalized"
+    }
+    assert len(calls) == 3 * pair.n_layers
+    norm = pair.bridge.blocks[0].ln1
+    assert "forward" in vars(norm)  # the normalisation fast path is installed too
 
 
 def test_native_and_hooked_paths_agree_with_padding_and_gradients(pair: ModelPair) -> None:
