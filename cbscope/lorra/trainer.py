@@ -661,51 +661,37 @@ def _train_step(
 ) -> dict[str, Any]:
     """One optimiser step; returns its metrics."""
     try:
-        return _optimiser_step(pair, config, batch, step, layers, t_idx, r_idx, aux, optimizer)
+        t = _step_terms(pair, config, batch, step, layers, t_idx, r_idx, aux)
+        orig, broken, n = t["orig"], t["broken"], t["n"]
+        cb_orig, cb_broken = t["cb_orig"], t["cb_broken"]
+        cb_mask, retain_mask, c_s, c_r = t["cb_mask"], t["retain_mask"], t["c_s"], t["c_r"]
+        cb_loss, retain_loss = t["cb_loss"], t["retain_loss"]
+        loss = c_s * cb_loss + c_r * retain_loss
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"step {step + 1}: the loss is {loss.item()} (cb_loss {cb_loss.item()}, retain_loss "
+                f"{retain_loss.item()}); stopped before the optimiser step. The last checkpoint is "
+                "intact: lower lr or check the data, then resume"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(pair.lora_parameters(), config.max_grad_norm)
+        optimizer.step()
+        return {
+            "step": step + 1,
+            "loss": loss.item(),
+            "cb_loss": cb_loss.item(),
+            "retain_loss": retain_loss.item(),
+            "c_s": c_s,
+            "c_r": c_r,
+            "cb_cos": losses.mean_cosine(cb_orig, cb_broken, cb_mask),
+            "retain_cos": losses.mean_cosine(orig[t_idx, n:], broken[t_idx, n:], retain_mask),
+            "cb_norm_orig": losses.mean_norm(cb_orig, cb_mask),
+            "cb_norm_cb": losses.mean_norm(cb_broken, cb_mask),
+        }
     finally:
         pair.set_training(False)  # only after backward: checkpointed blocks recompute in training mode
-
-
-def _optimiser_step(
-    pair: Any,
-    config: LorraConfig,
-    batch: Any,
-    step: int,
-    layers: list[int],
-    t_idx: Tensor | slice,
-    r_idx: Tensor | slice,
-    aux: Mapping[str, Tensor],
-    optimizer: torch.optim.Optimizer,
-) -> dict[str, Any]:
-    t = _step_terms(pair, config, batch, step, layers, t_idx, r_idx, aux)
-    orig, broken, n = t["orig"], t["broken"], t["n"]
-    cb_orig, cb_broken = t["cb_orig"], t["cb_broken"]
-    cb_mask, retain_mask, c_s, c_r = t["cb_mask"], t["retain_mask"], t["c_s"], t["c_r"]
-    cb_loss, retain_loss = t["cb_loss"], t["retain_loss"]
-    loss = c_s * cb_loss + c_r * retain_loss
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(
-            f"step {step + 1}: the loss is {loss.item()} (cb_loss {cb_loss.item()}, retain_loss "
-            f"{retain_loss.item()}); stopped before the optimiser step. The last checkpoint is "
-            "intact: lower lr or check the data, then resume"
-        )
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if config.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(pair.lora_parameters(), config.max_grad_norm)
-    optimizer.step()
-    return {
-        "step": step + 1,
-        "loss": loss.item(),
-        "cb_loss": cb_loss.item(),
-        "retain_loss": retain_loss.item(),
-        "c_s": c_s,
-        "c_r": c_r,
-        "cb_cos": losses.mean_cosine(cb_orig, cb_broken, cb_mask),
-        "retain_cos": losses.mean_cosine(orig[t_idx, n:], broken[t_idx, n:], retain_mask),
-        "cb_norm_orig": losses.mean_norm(cb_orig, cb_mask),
-        "cb_norm_cb": losses.mean_norm(cb_broken, cb_mask),
-    }
 
 
 def _step_terms(
