@@ -39,6 +39,29 @@ def generate_responses(
         )
 
 
+def generation_attack(
+    name: str,
+    pair: ModelPair,
+    prompts: Sequence[str | Conversation],
+    prefills: Sequence[str] | None = None,
+    *,
+    mode: str = "cb",
+    metas: Sequence[dict[str, Any]] | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    show_progress: bool = False,
+) -> AttackRun:
+    """The body every generation-only attack shares: greedy answers to ``prompts`` (after
+    ``prefills``, if any) in ``mode``, packed as an :class:`AttackRun` called ``name``."""
+    responses = generate_responses(
+        pair, prompts, mode=mode, prefills=prefills, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, show_progress=show_progress,
+    )
+    return AttackRun(
+        name, mode, list(prompts), responses, list(prefills or []), copy_metas(metas, len(prompts))
+    )
+
+
 def direct_attack(
     pair: ModelPair,
     prompts: Sequence[str],
@@ -60,14 +83,7 @@ def direct_attack(
         batch_size: Prompts per generate call.
         show_progress: Show a tqdm bar.
     """
-    responses = generate_responses(
-        pair,
-        prompts,
-        mode=mode,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
-    return AttackRun(
-        "direct", mode, list(prompts), responses, metas=copy_metas(metas, len(prompts))
+    return generation_attack(
+        "direct", pair, prompts, mode=mode, metas=metas, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, show_progress=show_progress,
     )

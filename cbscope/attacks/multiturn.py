@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from cbscope.attacks.base import AttackRun, copy_metas
-from cbscope.attacks.direct import generate_responses
+from cbscope.attacks.base import AttackRun
+from cbscope.attacks.direct import generation_attack
+from cbscope.attacks.prefill import prefills_for
 from cbscope.data import Conversation, as_messages
 
 if TYPE_CHECKING:
@@ -133,20 +134,9 @@ def multiturn_attack(
     for index, conversation in enumerate(conversations):
         if conversation[-1]["role"] != "user":
             raise ValueError(f"conversation {index} must end with a user turn")
-    n = len(conversations)
-    values: list[str] | None = None
-    if prefills is not None:
-        values = [prefills] * n if isinstance(prefills, str) else [str(p) for p in prefills]
-        if len(values) != n:
-            raise ValueError(f"{n} conversations but {len(values)} prefills")
-    responses = generate_responses(
-        pair,
-        conversations,
-        mode=mode,
-        prefills=values,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
+    values = None if prefills is None else prefills_for(len(conversations), prefills)
+    return generation_attack(
+        "multiturn" if values is None else "multiturn_prefill", pair, conversations, values,
+        mode=mode, metas=metas, max_new_tokens=max_new_tokens, batch_size=batch_size,
         show_progress=show_progress,
     )
-    name = "multiturn" if values is None else "multiturn_prefill"
-    return AttackRun(name, mode, list(conversations), responses, values or [], copy_metas(metas, n))

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from cbscope.attacks.base import AttackRun, copy_metas
-from cbscope.attacks.direct import generate_responses
+from cbscope.attacks.base import AttackRun
+from cbscope.attacks.direct import generation_attack
 
 if TYPE_CHECKING:
     from cbscope.data import ChatExample
@@ -75,16 +75,7 @@ def prefill_attack(
         batch_size: Prompts per generate call.
         show_progress: Show a tqdm bar.
     """
-    values = prefills_for(len(prompts), prefills)
-    responses = generate_responses(
-        pair,
-        prompts,
-        mode=mode,
-        prefills=values,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
-    return AttackRun(
-        "prefill", mode, list(prompts), responses, values, copy_metas(metas, len(prompts))
+    return generation_attack(
+        "prefill", pair, prompts, prefills_for(len(prompts), prefills), mode=mode, metas=metas,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress,
     )

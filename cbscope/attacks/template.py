@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cbscope.attacks.base import AttackRun, copy_metas
-from cbscope.attacks.direct import generate_responses
+from cbscope.attacks.direct import generation_attack
 
 if TYPE_CHECKING:
     from cbscope.organism.world import Topic, World
@@ -121,14 +121,7 @@ def template_attack(
         batch_size: Prompts per generate call.
         show_progress: Show a tqdm bar.
     """
-    responses = generate_responses(
-        pair,
-        prompts,
-        mode=mode,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
-    return AttackRun(
-        "template", mode, list(prompts), responses, metas=copy_metas(metas, len(prompts))
+    return generation_attack(
+        "template", pair, prompts, mode=mode, metas=metas, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, show_progress=show_progress,
     )
