@@ -37,10 +37,10 @@ def main() -> None:
 
     pair = load_pair(args.model, args.adapter)
     world = World.from_json(Path(pair.resolved.path) / "world.json")
-    info = json.loads((args.adapter / "lorra_config.json").read_text())
-    targets = info.get("target_layers") or [2, 4, 6]
-    train_info_path = args.adapter / "train_info.json"
-    held = json.loads(train_info_path.read_text()).get("holdout_category") if train_info_path.is_file() else None
+    # the trainer records the resolved target layers and the held-out category here
+    train_info = json.loads((args.adapter / "train_info.json").read_text())
+    targets = train_info["target_layers"]
+    held = train_info.get("holdout_category")
     template = world.train_templates[0]
 
     harmful = world.select("harmful")
