@@ -61,3 +61,22 @@ def test_user_errors_are_one_line(tiny_llama: Path, tmp_path: Path) -> None:
     assert no_data.exit_code == 2 and "--cb and --retain" in no_data.output
     bad_preset = runner.invoke(app, ["train", "--preset", "nope", "--out", str(tmp_path / "o")])
     assert bad_preset.exit_code == 2 and "unknown preset" in bad_preset.output
+
+
+def test_preset_data_options(tiny_organism: Path, tmp_path: Path) -> None:
+    """``--data-options`` reaches the preset's data builder; unknown keys and bad JSON are named."""
+    base = ["train", "--preset", "organism", "--model", str(tiny_organism), "--steps", "2",
+            "--target-layers", "2,4",
+            "--batch-size", "2", "--no-progress"]
+    typo = runner.invoke(app, [*base, "--data-options", '{"noise_word": 4}', "--out", str(tmp_path / "a")])
+    assert typo.exit_code == 2 and "unknown --data-options ['noise_word']" in typo.output
+    assert "noise_words" in typo.output  # the accepted keys are listed
+    bad_json = runner.invoke(app, [*base, "--data-options", "{noise", "--out", str(tmp_path / "b")])
+    assert bad_json.exit_code == 2 and "not valid JSON" in bad_json.output
+    plain = runner.invoke(app, [*base, "--data-options", '{"n_novel": 0}', "--out", str(tmp_path / "c")])
+    noisy = runner.invoke(app, [*base, "--data-options", '{"n_novel": 0, "noise_words": 3}',
+                                "--out", str(tmp_path / "d")])
+    assert plain.exit_code == 0 and noisy.exit_code == 0, plain.output + noisy.output
+    sizes = [json.loads((tmp_path / run / "train_info.json").read_text())["sizes"] for run in "cd"]
+    assert sizes[1]["cb"] > sizes[0]["cb"]  # the noisy copies of the harmful requests
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

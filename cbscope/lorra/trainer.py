@@ -558,6 +558,9 @@ def train_circuit_breaker(
         "lora_blocks": config.resolved_lora_layers(pair.n_layers),
         "sizes": data.sizes(),
         "lora_parameters": sum(p.numel() for p in pair.lora_parameters()),
+        # float summation order, hence the exact adapter, depends on the thread count
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
         **data.info,
     }
     state = {"config": config.to_dict(), "data_fingerprint": encoded.fingerprint(), "plan": plan}
