@@ -73,7 +73,7 @@ def test_preset_data_options(tiny_organism: Path, tmp_path: Path) -> None:
     assert "noise_words" in typo.output  # the accepted keys are listed
     bad_json = runner.invoke(app, [*base, "--data-options", "{noise", "--out", str(tmp_path / "b")])
     assert bad_json.exit_code == 2 and "not valid JSON" in bad_json.output
-    plain = runner.invoke(app, [*base, "--data-options", '{"n_novel": 0}', "--out", str(tmp_path / "c")])
+    plain = runner.invoke(app, [*base, "--data-options", '{"n_novel": 0, "noise_words": 0}', "--out", str(tmp_path / "c")])
     noisy = runner.invoke(app, [*base, "--data-options", '{"n_novel": 0, "noise_words": 3}',
                                 "--out", str(tmp_path / "d")])
     assert plain.exit_code == 0 and noisy.exit_code == 0, plain.output + noisy.output

@@ -48,8 +48,13 @@ def test_organism_data_holds_out_a_category() -> None:
     jailbreaks = {world.render_request(t, j) for t in world.topics for j in world.jailbreak_templates}
     chats = [ex.prompt for rows in (data.cb, *data.retain.values()) for ex in rows if ex.messages]
     assert not jailbreaks & set(chats)  # the jailbreak templates stay held out
-    plain = organism_data(world, holdout_category=held, augment=False, documents=False)
+    plain = organism_data(world, holdout_category=held, augment=False, documents=False, noise_words=0)
     assert len(plain.cb) == len(world.harmful_examples([c for c in world.harm_categories if c != held]))
+    noisy = organism_data(world, holdout_category=held, augment=False, documents=False)  # 2 words
+    clean = {ex.prompt for ex in plain.cb}
+    suffixed = [ex.prompt for ex in noisy.cb if ex.prompt not in clean]
+    assert len(noisy.cb) == 2 * len(plain.cb) and len(suffixed) == len(plain.cb)
+    assert all(" ".join(p.split()[:-2]) in clean for p in suffixed)
     default = organism_data(world)
     assert default.info["holdout_category"] == world.harm_categories[-1]
     with pytest.raises(DatasetError, match="unknown harm category"):

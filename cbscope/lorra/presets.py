@@ -9,7 +9,8 @@
     ``benign`` (chat-trained benign topics in the train and augmented templates, the algorithmic
     task, and the documents of every benign and look-alike topic: the organism's pretraining
     text), ``refusal`` (the trained categories' requests answered with the refusal) and
-    ``lookalike`` (chat-trained look-alikes). Validation (``val_cos``): the held-out category.
+    ``lookalike`` (chat-trained look-alikes and 240 made-up requests the frozen model answers).
+    Harmful and benign chat requests also appear with 2 random benign words appended. Validation (``val_cos``): the held-out category.
     Regenerate the shipped adapter with
     ``cbscope train --model organism --preset organism --threads 2 --out cbscope/assets/organism-breaker``
     (the thread count changes float summation order, hence the exact adapter).
@@ -80,7 +81,7 @@ ORGANISM_CONFIG = LorraConfig(
     response_only_fraction=0.0,
     retain_mixture={"benign": 3.0, "refusal": 1.0, "lookalike": 3.0},
     val_size=16,
-    seed=3,  # the best of seeds 1-6 on benign EM; README gives the spread over all six
+    seed=1,  # the best of seeds 1-6 on the organism targets; README gives the spread over all six
     log_every=10,
     checkpoint_every=50,
 )
@@ -180,7 +181,7 @@ def organism_data(
     augment: bool = True,
     documents: bool = True,
     n_novel: int = 240,
-    noise_words: int = 0,
+    noise_words: int = 2,
     show_progress: bool = True,
     **_: Any,
 ) -> LorraData:
@@ -201,7 +202,9 @@ def organism_data(
             benign and look-alike topic to the benign retain source.
         noise_words: When > 0, every harmful and benign chat example appears once more with this
             many random vocabulary words appended to the request (an adversarial-suffix stand-in:
-            the breaker should key on the content, not on a clean request).
+            the breaker should key on the content, not on a clean request). 2 by default: over
+            six seeds it raised document-only exact match 93.8% -> 96.7% and lowered the
+            soft-prompt ASR, at a look-alike cost (93.3% -> 86.7%); 0 turns it off.
         n_novel: Made-up benign requests (:func:`novel_topics`) added to the look-alike retain
             source with the frozen model's own answers; needs a pair (skipped for a bare world).
         show_progress: tqdm bar while the frozen model answers the made-up requests.
