@@ -12,8 +12,8 @@
     ``lookalike`` (chat-trained look-alikes and 240 made-up requests the frozen model answers).
     Harmful and benign chat requests also appear with 2 random benign words appended. Validation (``val_cos``): the held-out category.
     Regenerate the shipped adapter with
-    ``cbscope train --model organism --preset organism --threads 2 --out cbscope/assets/organism-breaker``
-    (the thread count changes float summation order, hence the exact adapter).
+    ``cbscope train --model organism --preset organism --out cbscope/assets/organism-breaker``
+    (one thread; the thread count changes float summation order, hence the exact adapter).
 
 ``smollm2``
     SmolLM2-135M-Instruct, which complies with harmful requests. Circuit-breaker set: AdvBench
@@ -81,7 +81,7 @@ ORGANISM_CONFIG = LorraConfig(
     response_only_fraction=0.0,
     retain_mixture={"benign": 3.0, "refusal": 1.0, "lookalike": 3.0},
     val_size=16,
-    seed=1,  # the best of seeds 1-6 on the organism targets; README gives the spread over all six
+    seed=1,  # the best seed on the organism targets; README gives the spread over seeds 1-6
     log_every=10,
     checkpoint_every=50,
 )
