@@ -23,7 +23,6 @@ Files written to ``out_dir``: ``matrix.json`` (matrices, per-run metrics, base m
 from __future__ import annotations
 
 import html
-import inspect
 import json
 import logging
 import math
@@ -456,7 +455,7 @@ def generalisation_matrix(
         GeneraliseError: Unknown mode or category, or a model without ``world.json``.
     """
     from cbscope.lorra.config import LorraConfig
-    from cbscope.lorra.presets import ORGANISM_CONFIG, organism_data
+    from cbscope.lorra.presets import ORGANISM_CONFIG, data_option_names, organism_data
     from cbscope.lorra.trainer import prepare_pair, train_circuit_breaker
     from cbscope.models import resolve_model
 
@@ -464,10 +463,7 @@ def generalisation_matrix(
     mode = normal_mode(mode)
     config = LorraConfig.from_dict((config or ORGANISM_CONFIG).to_dict()).validate()
     options = dict(data_options or {})
-    allowed = {
-        name for name, param in inspect.signature(organism_data).parameters.items()
-        if param.kind is inspect.Parameter.KEYWORD_ONLY
-    } - {"holdout_category", "train_categories", "show_progress"}
+    allowed = data_option_names(organism_data) - {"holdout_category", "train_categories", "show_progress"}
     bad = sorted(set(options) - allowed)
     if bad:
         raise GeneraliseError(f"unknown data options {bad}; choose from {sorted(allowed)}")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -85,13 +83,14 @@ def train(
             raise ConfigError("without --preset, give --cb and --retain")
         if data_options and (chosen is None or cb is not None):
             raise ConfigError("--data-options applies to a preset's own data (give --preset, no --cb)")
+        preset_options = chosen.data_options(data_options) if chosen is not None else {}
         ctx = distributed_context()
         main = ctx is None or ctx.is_main
         pair = prepare_pair(spec, cfg, device=device)
         if chosen is not None and cb is None:
             options = {"holdout_category": holdout_category, "advbench": advbench,
                        "alpaca": alpaca, "xstest": xstest, "show_progress": progress and main,
-                       **_preset_data_options(chosen.build_data, data_options)}
+                       **preset_options}
             # rank 0 first: it writes the generation cache the other processes then read
             with ctx.main_first() if ctx is not None else contextlib.nullcontext():
                 data = chosen.build_data(pair, **{k: v for k, v in options.items() if v is not None})
@@ -113,28 +112,6 @@ def train(
         f"trained {result.steps_done} steps in {time.perf_counter() - started:.1f}s "
         f"(training {result.seconds:.1f}s); adapter in {out}"
     )
-
-
-def _preset_data_options(build_data: Any, text: str | None) -> dict[str, Any]:
-    """``--data-options`` parsed and checked against the preset's data builder's keywords."""
-    from cbscope.lorra import ConfigError
-
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--data-options is not valid JSON: {err}") from err
-    if not isinstance(options, dict):
-        raise ConfigError("--data-options must be a JSON object")
-    accepted = {
-        name for name, parameter in inspect.signature(build_data).parameters.items()
-        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ConfigError(f"unknown --data-options {unknown}; the preset accepts {sorted(accepted)}")
-    return options
 
 
 def register(app: typer.Typer) -> None:

@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -59,6 +60,34 @@ class Preset:
     config: LorraConfig
     build_data: Callable[..., LorraData]
     description: str = ""
+
+    def data_options(self, text: str | None) -> dict[str, Any]:
+        """User data options (a JSON object, e.g. ``'{"noise_words": 4}'``) checked against
+        :attr:`build_data`'s keyword-only parameters: the builders take ``**_`` (so one option
+        set can be passed to any preset), which would otherwise swallow a misspelt key."""
+        if not text:
+            return {}
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--data-options is not valid JSON: {err}") from err
+        if not isinstance(options, dict):
+            raise ConfigError("--data-options must be a JSON object")
+        accepted = data_option_names(self.build_data)
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise ConfigError(
+                f"unknown --data-options {unknown} for preset {self.name!r}; it accepts {sorted(accepted)}"
+            )
+        return options
+
+
+def data_option_names(build_data: Callable[..., LorraData]) -> set[str]:
+    """The options a data builder accepts: its keyword-only parameters."""
+    return {
+        name for name, parameter in inspect.signature(build_data).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
 
 
 # ---------------------------------------------------------------------- organism
