@@ -432,7 +432,7 @@ def smollm2_data(
 PRESETS: dict[str, Preset] = {
     "organism": Preset(
         "organism", "organism", ORGANISM_CONFIG, organism_data,
-        "the model organism, one harm category held out (<= 60 s on 2 CPU cores)",
+        "the model organism, one harm category held out (about 1 min on 2 CPU cores)",
     ),
     "smollm2": Preset(
         "smollm2", "smollm2-135m", SMOLLM2_CONFIG, smollm2_data,
