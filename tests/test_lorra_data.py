@@ -132,6 +132,43 @@ def test_csv_prompts_are_answered_by_the_base_model_and_cached(
                           show_progress=False)
 
 
+def test_in_memory_prompts_are_cached_by_name_and_base_weights(
+    tiny_llama: Path, tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+    import shutil
+
+    from cbscope.data import ChatExample, as_messages
+    from cbscope.lorra.trainer import prepare_pair
+
+    prompts = [ChatExample(as_messages(p), "", {"kind": "novel"}) for p in ("hello world", "hello")]
+    pair = prepare_pair(str(tiny_llama), LorraConfig(target_layers=[1, 2], lora_r=2))
+    first = ldata.generate_responses(pair, prompts, cache_name="made up", max_new_tokens=3,
+                                     show_progress=False)
+    assert len(list((isolated_cache / "generations").rglob("made_up-*.jsonl"))) == 1
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("should have used the cache")
+
+    monkeypatch.setattr("cbscope.generation.generate_text", no_generation)
+    again = ldata.generate_responses(pair, prompts, cache_name="made up", max_new_tokens=3,
+                                     show_progress=False)
+    assert again == first  # prompt, answer and meta
+    with pytest.raises(AssertionError, match="cache"):  # other prompts -> another key
+        ldata.generate_responses(pair, prompts[:1], cache_name="made up", max_new_tokens=3,
+                                 show_progress=False)
+    # the same architecture with other weights -> another key
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama, other)
+    weights = other / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")
+    assert ldata.weights_digest(other) != ldata.weights_digest(tiny_llama)
+    pair.resolved = dataclasses.replace(pair.resolved, path=other)
+    with pytest.raises(AssertionError, match="cache"):
+        ldata.generate_responses(pair, prompts, cache_name="made up", max_new_tokens=3,
+                                 show_progress=False)
+
+
 def test_csv_without_a_model_or_prompt_column(tmp_path: Path) -> None:
     csv = tmp_path / "p.csv"
     csv.write_text("goal\nhello\n")

@@ -120,7 +120,7 @@ def test_shipped_organism_breaker_matches_the_preset_and_fires() -> None:
     """The shipped breaker is what ``cbscope train --preset organism`` writes today (same config,
     same organism weights) and shows the Figure-6 collapse on a prefilled harmful answer."""
     from cbscope.lorra.presets import ORGANISM_CONFIG
-    from cbscope.lorra.trainer import _weights_digest
+    from cbscope.lorra.data import weights_digest
     from cbscope.models import shipped_organism_dir
     from cbscope.organism import World
     from cbscope.pair import load_pair
@@ -129,7 +129,7 @@ def test_shipped_organism_breaker_matches_the_preset_and_fires() -> None:
     breaker = Path(__file__).resolve().parents[1] / "cbscope" / "assets" / "organism-breaker"
     assert LorraConfig.load(breaker / "lorra_config.json") == ORGANISM_CONFIG
     info = json.loads((breaker / "train_info.json").read_text())
-    assert info["base_weights_sha256"] == _weights_digest(shipped_organism_dir())
+    assert info["base_weights_sha256"] == weights_digest(shipped_organism_dir())
     pair = load_pair("organism", breaker)
     world = World.from_json(shipped_organism_dir() / "world.json")
     harmful = world.select("harmful", categories=[info["holdout_category"]])[0]

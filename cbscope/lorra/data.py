@@ -99,21 +99,56 @@ def generation_cache_path(pair: Any, prompt_file: Path, prompts: Sequence[ChatEx
     return cache_dir() / "generations" / _model_key(pair) / f"{prompt_file.stem}-{file_hash}-{sel_hash}.jsonl"
 
 
+def weights_digest(folder: Path) -> str | None:
+    """A short SHA-256 over the folder's ``*.safetensors`` files (``None`` when there are none)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def named_generation_cache_path(
+    pair: Any, name: str, prompts: Sequence[ChatExample], max_new_tokens: int
+) -> Path | None:
+    """Where the answers to in-memory ``prompts`` are cached, or ``None`` when the base weights
+    cannot be hashed.
+
+    ``cache_dir()/generations/<model>-<arch digest>/<name>-<weights hash>-<selection hash>.jsonl``:
+    unlike a prompt file, made-up prompts depend on nothing on disk, so the key covers the base
+    weights themselves (a rebuilt organism answers differently).
+    """
+    from cbscope.models import cache_dir
+
+    weights = weights_digest(Path(pair.resolved.path))
+    if weights is None:
+        return None
+    selection = json.dumps([[m for m in ex.messages] for ex in prompts] + [max_new_tokens])
+    sel_hash = hashlib.sha256(selection.encode()).hexdigest()[:12]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
+    return cache_dir() / "generations" / _model_key(pair) / f"{safe}-{weights}-{sel_hash}.jsonl"
+
+
 def generate_responses(
     pair: Any,
     prompts: Sequence[ChatExample],
     *,
     prompt_file: Path | None = None,
+    cache_name: str | None = None,
     max_new_tokens: int = DEFAULT_GEN_TOKENS,
     batch_size: int = 16,
     show_progress: bool = True,
 ) -> list[ChatExample]:
-    """The base model's own greedy answers to ``prompts`` (adapters off), cached per prompt file.
+    """The base model's own greedy answers to ``prompts`` (adapters off), cached on disk.
 
     Args:
         pair: The model pair (generation runs with ``pair.original()``).
         prompts: Examples whose ``messages`` are answered (their ``response`` is ignored).
         prompt_file: The file the prompts came from (enables the on-disk cache).
+        cache_name: For prompts made in memory: cache them under this name, keyed by the base
+            weights and the prompts (:func:`named_generation_cache_path`).
         max_new_tokens: Generation length.
         batch_size: Prompts per ``generate`` call.
         show_progress: tqdm bar.
@@ -123,11 +158,13 @@ def generate_responses(
     cache = None
     if prompt_file is not None:
         cache = generation_cache_path(pair, prompt_file, prompts, max_new_tokens)
-        if cache.is_file():
-            cached = load_jsonl(cache, require_response=False)
-            if len(cached) == len(prompts):
-                logger.info("using %d cached generations from %s", len(cached), cache)
-                return cached
+    elif cache_name is not None:
+        cache = named_generation_cache_path(pair, cache_name, prompts, max_new_tokens)
+    if cache is not None and cache.is_file():
+        cached = load_jsonl(cache, require_response=False)
+        if len(cached) == len(prompts):
+            logger.info("using %d cached generations from %s", len(cached), cache)
+            return cached
     logger.info("generating %d answers with the base model (%d new tokens)", len(prompts), max_new_tokens)
     with pair.original():
         texts = generate_text(

@@ -288,7 +288,9 @@ def organism_data(
                 novel_topics(world, n_novel, seed=11, exclude_categories=tuple(held_all))
             )
         ]
-        answered = generate_responses(pair_or_world, prompts, show_progress=show_progress)
+        answered = generate_responses(
+            pair_or_world, prompts, cache_name="organism-made-up", show_progress=show_progress
+        )
         novel = [example for example in answered if _benign_answer(world, example.response)]
         logger.info("organism preset: %d of %d made-up requests kept (answer neither harmful "
                     "nor a refusal)", len(novel), len(answered))
