@@ -88,6 +88,7 @@ class ModelPair:
     dtype: torch.dtype = torch.float32
     _lora_cache: tuple[tuple[str, ...], list[Any]] | None = field(default=None, init=False, repr=False)
     _module_cache: tuple[tuple[str, ...], list[Any]] | None = field(default=None, init=False, repr=False)
+    _param_cache: tuple[tuple[str, ...], list[Any]] | None = field(default=None, init=False, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -149,8 +150,13 @@ class ModelPair:
                 layer._disable_adapters = state
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
-        """The trainable LoRA parameters (empty without an adapter)."""
-        return [p for name, p in self.model.named_parameters() if "lora_" in name]
+        """The LoRA parameters (empty without an adapter), found once per adapter set: the
+        trainer asks every step (gradient clipping), and the walk costs ~2 ms."""
+        key = tuple(self.peft_model.peft_config) if self.peft_model is not None else ()
+        if self._param_cache is None or self._param_cache[0] != key:
+            params = [p for name, p in self.model.named_parameters() if "lora_" in name]
+            self._param_cache = (key, params)
+        return list(self._param_cache[1])
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute decoder-block activations in the backward pass of bridge forwards.
@@ -181,13 +187,23 @@ class ModelPair:
 
         The forward stops right after the highest requested layer: the remaining blocks and the
         unembedding are never computed. Gradients flow when enabled by the caller (the hook
-        tensors are not detached), so the trainer uses this too. Hooks always come off.
+        tensors are not detached). Hooks always come off.
 
         Args:
             input_ids: Token ids, right padded.
             attention_mask: 1 for real tokens, 0 for padding.
             layers: Paper-convention layers (``1 .. n_layers``).
         """
+        return torch.stack(self.resid_layers(input_ids, attention_mask, layers))
+
+    def resid_layers(
+        self,
+        input_ids: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None,
+        layers: Sequence[int],
+    ) -> list[Float[Tensor, "batch pos d_model"]]:
+        """:meth:`resid` as one tensor per layer (sorted by layer), not stacked: the trainer
+        takes row blocks of them without the copy and the full-size backward of a stack."""
         layers = validate_layers(layers, self.n_layers)
         captured: dict[int, Tensor] = {}
         last = layers[-1]
@@ -209,7 +225,7 @@ class ModelPair:
         missing = [layer for layer in layers if layer not in captured]
         if missing:
             raise RuntimeError(f"hooks for layers {missing} did not fire")
-        return torch.stack([captured[layer] for layer in layers])
+        return [captured[layer] for layer in layers]
 
     def save_adapter(self, out_dir: str | os.PathLike[str], *, extra: dict | None = None) -> Path:
         """Save the adapter in peft format, loadable by plain ``PeftModel.from_pretrained``.
@@ -414,6 +430,8 @@ def load_pair(
     )
     bridge.eval()
     native_paths.install(bridge)
+    if peft_model is not None:
+        native_paths.install_lora(model, bridge)
     pair = ModelPair(
         model=model,
         tokenizer=tokenizer,

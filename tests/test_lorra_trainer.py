@@ -240,3 +240,34 @@ def test_on_step_gets_every_step(tiny_llama: Path) -> None:
     run(tiny_llama, None, on_step=seen.append)
     assert [m["step"] for m in seen] == [1, 2, 3, 4, 5, 6]
     assert all("val_cos" in m for m in seen if m["step"] % 2 == 0)
+
+
+def test_row_blocks_equal_slices_of_a_stack_in_values_and_gradients() -> None:
+    from cbscope.lorra.trainer import _RowBlocks
+
+    generator = torch.Generator().manual_seed(0)
+    base = [torch.randn(5, 4, 3, generator=generator) for _ in range(4)]
+    first, rest, n = [1, 3], [0, 1, 2], 2  # layer 1 in both blocks, layer 3 in the first only
+    weights = (torch.randn(2, n, 4, 3, generator=generator), torch.randn(3, 5 - n, 4, 3, generator=generator))
+    results = []
+    for lean in (True, False):
+        reps = [t.clone().requires_grad_(True) for t in base]
+        if lean:
+            top, bottom = _RowBlocks.apply(n, first, rest, *reps)
+        else:
+            stacked = torch.stack(reps)
+            top, bottom = stacked[first, :n], stacked[rest, n:]
+        ((top * weights[0]).sum() + (bottom * weights[1]).pow(2).sum()).backward()
+        results.append((top.detach(), bottom.detach(), [r.grad for r in reps]))
+    (top_a, bottom_a, grads_a), (top_b, bottom_b, grads_b) = results
+    assert torch.equal(top_a, top_b) and torch.equal(bottom_a, bottom_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(grads_a[3][n:], torch.zeros_like(grads_a[3][n:]))  # zero-filled part
+    # only one block used: the other side's rows get zeros, a layer in neither gets no gradient
+    reps = [t.clone().requires_grad_(True) for t in base]
+    top, _ = _RowBlocks.apply(n, first, rest, *reps)
+    top.sum().backward()
+    assert reps[0].grad is None and reps[2].grad is None
+    assert torch.equal(reps[1].grad[n:], torch.zeros(5 - n, 4, 3))
+    assert torch.equal(reps[1].grad[:n], torch.ones(n, 4, 3))

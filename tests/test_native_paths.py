@@ -78,3 +78,53 @@ def test_run_with_cache_still_sees_attention_patterns(pair: ModelPair) -> None:
     pattern = cache["blocks.0.attn.hook_pattern"]
     assert pattern.shape[-2:] == (6, 6)
     torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
+
+
+@pytest.mark.parametrize("alpha", [4, 8, 6])  # scaling 1 (skipped), 2, 1.5
+def test_lean_lora_forward_is_bit_identical_to_peft(tiny_llama: Path, alpha: int) -> None:
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=alpha, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False)
+    pair = load_pair(tiny_llama, lora_config=config)
+    layers = [m for m in pair.bridge.modules() if type(m) is LoraLinear]
+    assert layers and all("forward" in vars(m) for m in layers)
+    ids, mask = batch(pair)
+    results = []
+    for lean in (True, False):
+        if not lean:  # peft's own forward
+            for layer in layers:
+                del layer.forward
+        pair.bridge.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the same dropout masks on both paths
+        pair.set_training(True)
+        resid = pair.resid(ids, mask, [1, 2, 3])
+        resid.pow(2).mean().backward()
+        pair.set_training(False)
+        with pair.original():
+            frozen = pair.resid(ids, mask, [3])
+        grads = [p.grad.clone() for p in pair.lora_parameters()]
+        results.append((resid.detach(), frozen, grads))
+    (lean_resid, lean_frozen, lean_grads), (peft_resid, peft_frozen, peft_grads) = results
+    assert torch.equal(lean_resid, peft_resid)
+    assert torch.equal(lean_frozen, peft_frozen)
+    assert all(torch.equal(a, b) for a, b in zip(lean_grads, peft_grads, strict=True))
+    assert not torch.equal(lean_frozen, lean_resid[2:])  # the adapter really acts
+
+
+def test_lean_lora_forward_hands_merged_layers_to_peft(pair: ModelPair) -> None:
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    layer = next(m for m in pair.bridge.modules() if type(m) is LoraLinear)
+    x = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad():
+        before = layer(x)
+        layer.merge()
+        try:
+            merged = layer(x)  # peft's path: the base weight now holds the update
+        finally:
+            layer.unmerge()
+        after = layer(x)
+    torch.testing.assert_close(merged, before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)  # unmerge rounds W + dW - dW

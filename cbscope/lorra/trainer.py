@@ -49,7 +49,14 @@ from tqdm.auto import tqdm
 from cbscope.data import DatasetError
 from cbscope.lorra import losses
 from cbscope.lorra.config import ConfigError, LorraConfig
-from cbscope.lorra.data import EncodedData, LorraData, as_examples, as_retain, make_plan
+from cbscope.lorra.data import (
+    EncodedData,
+    LorraData,
+    as_examples,
+    as_retain,
+    make_plan,
+    weights_digest,
+)
 from cbscope.lorra.distributed import (
     DistContext,
     distributed_context,
@@ -174,16 +181,6 @@ def prepare_pair(pair_or_spec: Any, config: LorraConfig, *, device: str | torch.
 def _main_first(ctx: DistContext | None) -> Any:
     """Rank 0 runs the block before the other processes (no-op in a single process)."""
     return ctx.main_first() if ctx is not None else contextlib.nullcontext()
-
-
-def _weights_digest(folder: Path) -> str | None:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------- data
@@ -552,7 +549,7 @@ def train_circuit_breaker(
 
     info = {
         "model": pair.resolved.spec,
-        "base_weights_sha256": _weights_digest(pair.resolved.path) if main else None,
+        "base_weights_sha256": weights_digest(pair.resolved.path) if main else None,
         "target_layers": targets,
         "retain_layers": retain_layers,
         "lora_blocks": config.resolved_lora_layers(pair.n_layers),
@@ -665,7 +662,6 @@ def _train_step(
     """One optimiser step; returns its metrics."""
     try:
         t = _step_terms(pair, config, batch, step, layers, t_idx, r_idx, aux)
-        orig, broken, n = t["orig"], t["broken"], t["n"]
         cb_orig, cb_broken = t["cb_orig"], t["cb_broken"]
         cb_mask, retain_mask, c_s, c_r = t["cb_mask"], t["retain_mask"], t["c_s"], t["c_r"]
         cb_loss, retain_loss = t["cb_loss"], t["retain_loss"]
@@ -689,12 +685,60 @@ def _train_step(
             "c_s": c_s,
             "c_r": c_r,
             "cb_cos": losses.mean_cosine(cb_orig, cb_broken, cb_mask),
-            "retain_cos": losses.mean_cosine(orig[t_idx, n:], broken[t_idx, n:], retain_mask),
+            "retain_cos": losses.mean_cosine(*t["retain_at_targets"](), retain_mask),
             "cb_norm_orig": losses.mean_norm(cb_orig, cb_mask),
             "cb_norm_cb": losses.mean_norm(cb_broken, cb_mask),
         }
     finally:
         pair.set_training(False)  # only after backward: checkpointed blocks recompute in training mode
+
+
+def _positions(index: Tensor | slice, count: int) -> list[int]:
+    """A :func:`layer_index` result as a list of positions."""
+    if isinstance(index, slice):
+        return list(range(count))[index]
+    return [int(i) for i in index]
+
+
+class _RowBlocks(torch.autograd.Function):
+    """``stack([reps[i][:n] for i in first]), stack([reps[i][n:] for i in rest])``.
+
+    The circuit-breaker rows at the target layers and the retain rows at the retain layers, from
+    one tensor per layer. Slicing a stacked ``layer batch pos d_model`` tensor instead costs, in
+    the backward pass, a zero-filled full-size gradient per slice, their sum, and the stack's
+    split (about 5% of a SmolLM2 step); here each layer's gradient is written once. The values
+    and gradients are the same numbers.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, n: int, first: list[int], rest: list[int], *reps: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        ctx.n, ctx.first, ctx.rest, ctx.count = n, first, rest, len(reps)
+        ctx.like = reps[0]
+        return torch.stack([reps[i][:n] for i in first]), torch.stack([reps[i][n:] for i in rest])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_first: Tensor | None, grad_rest: Tensor | None) -> tuple[Any, ...]:
+        n = ctx.n
+        first = {layer: k for k, layer in enumerate(ctx.first)}
+        rest = {layer: k for k, layer in enumerate(ctx.rest)}
+        grads: list[Tensor | None] = []
+        for i in range(ctx.count):
+            wanted = ctx.needs_input_grad[3 + i]
+            top = grad_first[first[i]] if grad_first is not None and i in first else None
+            bottom = grad_rest[rest[i]] if grad_rest is not None and i in rest else None
+            if not wanted or (top is None and bottom is None):
+                grads.append(None)
+                continue
+            grad = torch.empty_like(ctx.like)
+            for part, value in ((grad[:n], top), (grad[n:], bottom)):
+                if value is None:
+                    part.zero_()
+                else:
+                    part.copy_(value)
+            grads.append(grad)
+        return (None, None, None, *grads)
 
 
 def _step_terms(
@@ -717,24 +761,31 @@ def _step_terms(
     ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
     cb_mask, retain_mask = batch.cb_mask.to(device), batch.retain_mask.to(device)
     n = batch.n_cb
+    t_pos, r_pos = _positions(t_idx, len(layers)), _positions(r_idx, len(layers))
     pair.set_training(False)
     with pair.original(), torch.no_grad():
-        orig = pair.resid(ids, attention, layers)
+        orig = pair.resid_layers(ids, attention, layers)
     pair.set_training(True)
-    broken = pair.resid(ids, attention, layers)
-    cb_orig, cb_broken = orig[t_idx, :n], broken[t_idx, :n]
+    broken = pair.resid_layers(ids, attention, layers)
+    cb_orig = torch.stack([orig[i][:n] for i in t_pos])
+    retain_orig = torch.stack([orig[i][n:] for i in r_pos])
+    cb_broken, retain_broken = _RowBlocks.apply(n, t_pos, r_pos, *broken)
     c_s, c_r = losses.schedule(step + 1, config.steps, config.lorra_alpha)
     c_r *= config.retain_weight
     cb_loss = cb_term(config, cb_orig, cb_broken, cb_mask, aux)
-    retain_loss = losses.retain_loss(
-        orig[r_idx, n:], broken[r_idx, n:], retain_mask, relative=config.retain_relative
-    )
+    retain_loss = losses.retain_loss(retain_orig, retain_broken, retain_mask, relative=config.retain_relative)
+
+    def retain_at_targets() -> tuple[Tensor, Tensor]:
+        """Frozen and adapted retain rows at the target layers (for the ``retain_cos`` metric)."""
+        with torch.no_grad():
+            return (torch.stack([orig[i][n:] for i in t_pos]),
+                    torch.stack([broken[i][n:] for i in t_pos]))
+
     return {
-        "orig": orig,
-        "broken": broken,
         "n": n,
         "cb_orig": cb_orig,
         "cb_broken": cb_broken,
+        "retain_at_targets": retain_at_targets,
         "cb_mask": cb_mask,
         "retain_mask": retain_mask,
         "c_s": c_s,
@@ -767,7 +818,6 @@ def _sharded_optimiser_step(
     whole = encoded.batch(entry)  # only for the global token counts (cheap: no forward)
     batch = encoded.batch(shard_entry(entry, ctx.rank, ctx.world_size))
     t = _step_terms(pair, config, batch, step, layers, t_idx, r_idx, aux)
-    orig, broken, n = t["orig"], t["broken"], t["n"]
     cb_orig, cb_broken = t["cb_orig"], t["cb_broken"]
     cb_mask, retain_mask, c_s, c_r = t["cb_mask"], t["retain_mask"], t["c_s"], t["c_r"]
     n_cb, n_retain = batch.cb_mask.sum(), batch.retain_mask.sum()
@@ -781,7 +831,7 @@ def _sharded_optimiser_step(
             float(cb_part.detach()),
             float(retain_part.detach()),
             losses.mean_cosine(cb_orig, cb_broken, cb_mask) * float(n_cb),
-            losses.mean_cosine(orig[t_idx, n:], broken[t_idx, n:], retain_mask) * float(n_retain),
+            losses.mean_cosine(*t["retain_at_targets"](), retain_mask) * float(n_retain),
             losses.mean_norm(cb_orig, cb_mask) * float(n_cb),
             losses.mean_norm(cb_broken, cb_mask) * float(n_cb),
             float(n_cb),
