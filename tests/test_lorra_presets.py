@@ -119,8 +119,8 @@ def test_smollm2_data_from_given_files(tiny_llama: Path, tmp_path: Path) -> None
 def test_shipped_organism_breaker_matches_the_preset_and_fires() -> None:
     """The shipped breaker is what ``cbscope train --preset organism`` writes today (same config,
     same organism weights) and shows the Figure-6 collapse on a prefilled harmful answer."""
-    from cbscope.lorra.presets import ORGANISM_CONFIG
     from cbscope.lorra.data import weights_digest
+    from cbscope.lorra.presets import ORGANISM_CONFIG
     from cbscope.models import shipped_organism_dir
     from cbscope.organism import World
     from cbscope.pair import load_pair
