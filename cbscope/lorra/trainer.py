@@ -714,7 +714,7 @@ class _RowBlocks(torch.autograd.Function):
     def forward(ctx: Any, n: int, first: list[int], rest: list[int], *reps: Tensor) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         ctx.n, ctx.first, ctx.rest, ctx.count = n, first, rest, len(reps)
-        ctx.like = reps[0]
+        ctx.layout = {"size": reps[0].shape, "dtype": reps[0].dtype, "device": reps[0].device}
         return torch.stack([reps[i][:n] for i in first]), torch.stack([reps[i][n:] for i in rest])
 
     @staticmethod
@@ -731,7 +731,7 @@ class _RowBlocks(torch.autograd.Function):
             if not wanted or (top is None and bottom is None):
                 grads.append(None)
                 continue
-            grad = torch.empty_like(ctx.like)
+            grad = torch.empty(**ctx.layout)
             for part, value in ((grad[:n], top), (grad[n:], bottom)):
                 if value is None:
                     part.zero_()
