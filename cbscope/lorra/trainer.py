@@ -4,10 +4,12 @@ One step (see :mod:`cbscope.lorra.losses` for the formulas):
 
 1. the step's circuit-breaker rows and retain rows are padded into **one** batch;
 2. **one** frozen forward (adapters off, no grad) and **one** adapted forward read the residual
-   stream at ``blocks.{l-1}.hook_resid_post`` (:meth:`ModelPair.resid`); both stop after the
-   highest layer needed, so the rest of the model and the unembedding never run (the official
+   stream at ``blocks.{l-1}.hook_resid_post`` (:meth:`ModelPair.resid_layers`); both stop after
+   the highest layer needed, so the rest of the model and the unembedding never run (the official
    code runs four full forwards with ``output_hidden_states``);
-3. ``loss = c_s * L_cb + c_r * L_retain``, AdamW on the LoRA parameters only.
+3. the circuit-breaker rows at the target layers and the retain rows at the retain layers are
+   taken from the per-layer tensors (:class:`_RowBlocks`);
+4. ``loss = c_s * L_cb + c_r * L_retain``, AdamW on the LoRA parameters only.
 
 Every ``log_every`` steps a line goes to ``metrics.jsonl`` (with ``val_cos``, the cosine on a
 held-out circuit-breaker batch); every ``checkpoint_every`` steps a checkpoint is written
