@@ -71,6 +71,18 @@ def strip_bridge_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return {key.replace(BRIDGE_KEY_INFIX, ""): value for key, value in state_dict.items()}
 
 
+@dataclass(frozen=True)
+class _ModuleWalk:
+    """What :meth:`ModelPair._modules` found for one adapter set (``key``): every LoRA layer in
+    both module trees, the unique modules of the bridge and its wrapped model, and the LoRA
+    parameters."""
+
+    key: tuple[str, ...]
+    lora_layers: list[Any]
+    bridged: list[Any]
+    lora_parameters: list[Any]
+
+
 @dataclass
 class ModelPair:
     """A base model and its circuit-breaker adapter, with TransformerLens hook points.
@@ -86,9 +98,7 @@ class ModelPair:
     adapter_path: Path | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
-    _lora_cache: tuple[tuple[str, ...], list[Any]] | None = field(default=None, init=False, repr=False)
-    _module_cache: tuple[tuple[str, ...], list[Any]] | None = field(default=None, init=False, repr=False)
-    _param_cache: tuple[tuple[str, ...], list[Any]] | None = field(default=None, init=False, repr=False)
+    _walk: _ModuleWalk | None = field(default=None, init=False, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -110,36 +120,37 @@ class ModelPair:
         """The module to call ``generate`` on: the peft model (adapters on) or the base model."""
         return self.peft_model if self.peft_model is not None else self.model
 
-    def _lora_layers(self) -> list[Any]:
-        """Every LoRA layer in both module trees, found once (walking thousands of modules on
-        each ``original()`` call showed up in the per-step overhead); refreshed if peft's
-        adapter set changes."""
+    def _modules(self) -> _ModuleWalk:
+        """The module lists the per-step calls need, from one walk over the module trees, redone
+        only when peft's adapter set changes (walking thousands of modules on every call showed
+        up in the per-step overhead)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         key = tuple(self.peft_model.peft_config) if self.peft_model is not None else ()
-        if self._lora_cache is None or self._lora_cache[0] != key:
-            modules = {id(m): m for tree in (self.model, self.bridge) for m in tree.modules()}
-            layers = [m for m in modules.values() if isinstance(m, BaseTunerLayer)]
-            self._lora_cache = (key, layers)
-        return self._lora_cache[1]
+        if self._walk is None or self._walk.key != key:
+            bridged = [self.bridge, getattr(self.bridge, "original_model", None)]
+            bridged_modules = {id(m): m for tree in bridged if tree is not None for m in tree.modules()}
+            every = {id(m): m for m in self.model.modules()} | bridged_modules
+            self._walk = _ModuleWalk(
+                key=key,
+                lora_layers=[m for m in every.values() if isinstance(m, BaseTunerLayer)],
+                bridged=list(bridged_modules.values()),
+                lora_parameters=[p for name, p in self.model.named_parameters() if "lora_" in name],
+            )
+        return self._walk
 
     def set_training(self, training: bool) -> None:
         """``bridge.train(training)`` without its cost: the recursive ``train()`` walk revisits
         shared modules and took ~0.5 s of a 6 s SmolLM2 training step (three calls a step). The
         flag is set directly on a cached list of the unique modules of the bridge and its
         wrapped model (the same set ``train()`` reaches)."""
-        key = tuple(self.peft_model.peft_config) if self.peft_model is not None else ()
-        if self._module_cache is None or self._module_cache[0] != key:
-            trees = [self.bridge, getattr(self.bridge, "original_model", None)]
-            modules = {id(m): m for tree in trees if tree is not None for m in tree.modules()}
-            self._module_cache = (key, list(modules.values()))
-        for module in self._module_cache[1]:
+        for module in self._modules().bridged:
             module.__dict__["training"] = training  # nn.Module.__setattr__ is the slow part
 
     @contextlib.contextmanager
     def original(self) -> Iterator[ModelPair]:
         """Run with the adapters disabled: the frozen, original model (bridge and ``generate``)."""
-        layers = self._lora_layers() if self.peft_model is not None else []
+        layers = self._modules().lora_layers if self.peft_model is not None else []
         previous = [layer._disable_adapters for layer in layers]
         for layer in layers:
             layer._disable_adapters = True
@@ -150,13 +161,9 @@ class ModelPair:
                 layer._disable_adapters = state
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
-        """The LoRA parameters (empty without an adapter), found once per adapter set: the
-        trainer asks every step (gradient clipping), and the walk costs ~2 ms."""
-        key = tuple(self.peft_model.peft_config) if self.peft_model is not None else ()
-        if self._param_cache is None or self._param_cache[0] != key:
-            params = [p for name, p in self.model.named_parameters() if "lora_" in name]
-            self._param_cache = (key, params)
-        return list(self._param_cache[1])
+        """The LoRA parameters (empty without an adapter), found once per adapter set (the
+        trainer asks every step, for gradient clipping)."""
+        return list(self._modules().lora_parameters)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute decoder-block activations in the backward pass of bridge forwards.
