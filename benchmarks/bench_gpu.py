@@ -14,6 +14,9 @@ on the same batch (random tokens, lengths in [3/4 L, L]):
   model cut to ``max(target) + 1`` blocks as in the official script);
 * ``floor``: :func:`bench_train.floor_step`.
 
+``official`` and ``floor`` run peft's own LoRA forward (:func:`bench_train.peft_forward`), as
+plain HF + peft would; cbscope runs its lean one.
+
 Recorded per method: median and min seconds per step (``torch.cuda.synchronize`` around each
 step) and the peak of ``torch.cuda.max_memory_allocated`` over its steps (reset before each
 method; the model's weights are included). Correctness check: every cbscope step's loss is finite
@@ -28,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -44,11 +48,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import floor_step, make_batch, official_step  # noqa: E402
+from bench_train import floor_step, make_batch, official_step, peft_forward  # noqa: E402
 
 from cbscope.layers import default_target_layers  # noqa: E402
 from cbscope.lorra import LorraConfig  # noqa: E402
-from cbscope.lorra.trainer import _train_step, layer_index, prepare_pair  # noqa: E402
+from cbscope.lorra.trainer import StepSetup, _train_step, layer_index, prepare_pair  # noqa: E402
 
 logger = logging.getLogger("bench_gpu")
 
@@ -155,7 +159,7 @@ def run_setting(
     losses: list[float] = []
 
     def cbscope_step(step: int) -> None:
-        row = _train_step(pair, config, batch, step, layers, t_idx, r_idx, {}, optimizer)
+        row = _train_step(pair, config, batch, step, StepSetup(targets, retain_layers), optimizer)
         losses.append(float(row["loss"]))
 
     def official(step: int) -> None:
@@ -182,11 +186,13 @@ def run_setting(
         pair.set_gradient_checkpointing(name == "cbscope_gc")
         _reset_peak(device)
         times = []
+        plain = name in ("official", "floor")
         try:
             for rep in range(warmup + steps):
                 _sync(device)
                 tick = time.perf_counter()
-                table[name](rep)
+                with peft_forward(pair.model, pair.bridge) if plain else contextlib.nullcontext():
+                    table[name](rep)
                 _sync(device)
                 if rep >= warmup:
                     times.append(time.perf_counter() - tick)

@@ -42,7 +42,7 @@ import torch
 
 from cbscope.lorra import LorraConfig, losses
 from cbscope.lorra.data import EncodedExample, collate
-from cbscope.lorra.trainer import _train_step, layer_index, prepare_pair
+from cbscope.lorra.trainer import StepSetup, _train_step, layer_index, prepare_pair
 from cbscope.native_paths import _lean_lora_forward
 
 
@@ -162,14 +162,15 @@ def main() -> None:
         targets = [2, 3]
     config = LorraConfig(target_layers=targets, batch_size=args.batch_size, max_length=args.max_length, steps=150)
     pair = prepare_pair(model, config)
-    layers = sorted(set(targets) | set(config.resolved_retain_layers(pair.n_layers)))
-    t_idx = layer_index(layers, targets)
-    r_idx = layer_index(layers, config.resolved_retain_layers(pair.n_layers))
+    setup = StepSetup.of(config, pair.n_layers)
+    layers = setup.layers
+    t_idx = layer_index(layers, setup.targets)
+    r_idx = layer_index(layers, setup.retain_layers)
     batch = make_batch(pair.model.config.vocab_size, args.batch_size, args.max_length)
     optimizer = torch.optim.AdamW(pair.lora_parameters(), lr=config.lr)
 
     methods = {
-        "cbscope": lambda s: _train_step(pair, config, batch, s, layers, t_idx, r_idx, {}, optimizer),
+        "cbscope": lambda s: _train_step(pair, config, batch, s, setup, optimizer),
         "official": lambda s: official_step(pair, config, batch, s, targets, optimizer),
         "floor": lambda s: floor_step(pair, config, batch, s, layers, t_idx, r_idx, optimizer),
         "floor_lean": lambda s: floor_step(pair, config, batch, s, layers, t_idx, r_idx, optimizer),

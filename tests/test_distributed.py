@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from cbscope.lorra import LorraConfig, get_preset
 from cbscope.lorra.data import EncodedExample, collate
 from cbscope.lorra.distributed import shard_entry, shard_scale
-from cbscope.lorra.trainer import CHECKPOINT_DIR, _step_terms, layer_index, prepare_pair
+from cbscope.lorra.trainer import CHECKPOINT_DIR, StepSetup, _step_terms, prepare_pair
 
 torch.set_num_threads(1)
 
@@ -190,10 +190,8 @@ def _one_step_grads(model: Path, **overrides) -> tuple[dict[str, torch.Tensor], 
     pair = prepare_pair(str(model), config)
     rows = [EncodedExample([1, 4, 6 + i, 7, 8, 5, 9, 10 + i % 2][: 6 + i], 4) for i in range(4)]
     batch = collate(rows[:2], rows[2:], pad_id=0)
-    layers = [1, 2]
-    index = layer_index(layers, layers)
     torch.manual_seed(0)
-    terms = _step_terms(pair, config, batch, 0, layers, index, index, {})
+    terms = _step_terms(pair, config, batch, 0, StepSetup([1, 2], [1, 2]))
     loss = terms["c_s"] * terms["cb_loss"] + terms["c_r"] * terms["retain_loss"]
     loss.backward()
     pair.bridge.eval()

@@ -120,6 +120,39 @@ class TrainResult:
         return (logged or self.metrics or [{}])[-1]
 
 
+@dataclass(frozen=True)
+class StepSetup:
+    """What every step of a run shares: the layers it reads and the loss's fixed targets.
+
+    Attributes:
+        targets: Paper-convention target layers (the circuit-breaker term, ``cb_cos``,
+            ``val_cos``).
+        retain_layers: The retain term's layers.
+        aux: Fixed targets of the ``rmu`` / ``random_norm`` / ``refusal_direction`` losses
+            (:func:`loss_targets`; empty for ``rr``).
+    """
+
+    targets: list[int]
+    retain_layers: list[int]
+    aux: Mapping[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, config: LorraConfig, n_layers: int, aux: Mapping[str, Tensor] | None = None) -> StepSetup:
+        """The setup of ``config`` on a model with ``n_layers`` blocks."""
+        return cls(config.resolved_target_layers(n_layers), config.resolved_retain_layers(n_layers),
+                   dict(aux or {}))
+
+    @property
+    def layers(self) -> list[int]:
+        """Every layer both forwards read (targets and retain layers, sorted)."""
+        return sorted(set(self.targets) | set(self.retain_layers))
+
+    def positions(self, wanted: Sequence[int]) -> list[int]:
+        """Where ``wanted`` layers sit in :attr:`layers`."""
+        layers = self.layers
+        return [layers.index(layer) for layer in wanted]
+
+
 # ---------------------------------------------------------------------- model
 def _lora_matches(pair: Any, config: LorraConfig) -> bool:
     if pair.peft_model is None or not any(p.requires_grad for p in pair.lora_parameters()):
@@ -538,12 +571,9 @@ def train_circuit_breaker(
         )
     targets = config.resolved_target_layers(pair.n_layers)
     retain_layers = config.resolved_retain_layers(pair.n_layers)
-    layers = sorted(set(targets) | set(retain_layers))
-    t_idx = layer_index(layers, targets)
-    r_idx = layer_index(layers, retain_layers)
     encoded = EncodedData(data, pair.tokenizer, config)
     plan = make_plan(len(encoded.cb), encoded.sizes(), config)
-    aux = loss_targets(pair, config, encoded, targets)
+    setup = StepSetup(targets, retain_layers, loss_targets(pair, config, encoded, targets))
     val_chunks = encoded.batches(encoded.val, config.token_mask)
     if ctx is not None:  # each process holds every world_size-th validation chunk
         val_chunks = val_chunks[ctx.rank :: ctx.world_size]
@@ -591,11 +621,11 @@ def train_circuit_breaker(
     for step in bar:
         tick = time.perf_counter()
         if ctx is None:
-            row = _train_step(pair, config, encoded.batch(plan[step]), step, layers, t_idx, r_idx, aux, optimizer)
+            row = _train_step(pair, config, encoded.batch(plan[step]), step, setup, optimizer)
         else:
             try:
                 row = _sharded_optimiser_step(
-                    pair, config, encoded, plan[step], step, layers, t_idx, r_idx, aux, optimizer, ctx
+                    pair, config, encoded, plan[step], step, setup, optimizer, ctx
                 )
             finally:
                 pair.set_training(False)  # after backward, as in _train_step
@@ -655,15 +685,12 @@ def _train_step(
     config: LorraConfig,
     batch: Any,
     step: int,
-    layers: list[int],
-    t_idx: Tensor | slice,
-    r_idx: Tensor | slice,
-    aux: Mapping[str, Tensor],
+    setup: StepSetup,
     optimizer: torch.optim.Optimizer,
 ) -> dict[str, Any]:
     """One optimiser step; returns its metrics."""
     try:
-        t = _step_terms(pair, config, batch, step, layers, t_idx, r_idx, aux)
+        t = _step_terms(pair, config, batch, step, setup)
         cb_orig, cb_broken = t["cb_orig"], t["cb_broken"]
         cb_mask, retain_mask, c_s, c_r = t["cb_mask"], t["retain_mask"], t["c_s"], t["c_r"]
         cb_loss, retain_loss = t["cb_loss"], t["retain_loss"]
@@ -693,13 +720,6 @@ def _train_step(
         }
     finally:
         pair.set_training(False)  # only after backward: checkpointed blocks recompute in training mode
-
-
-def _positions(index: Tensor | slice, count: int) -> list[int]:
-    """A :func:`layer_index` result as a list of positions."""
-    if isinstance(index, slice):
-        return list(range(count))[index]
-    return [int(i) for i in index]
 
 
 class _RowBlocks(torch.autograd.Function):
@@ -748,10 +768,7 @@ def _step_terms(
     config: LorraConfig,
     batch: Any,
     step: int,
-    layers: list[int],
-    t_idx: Tensor | slice,
-    r_idx: Tensor | slice,
-    aux: Mapping[str, Tensor],
+    setup: StepSetup,
 ) -> dict[str, Any]:
     """The frozen and adapted forwards of a step and its two loss terms (not yet combined).
 
@@ -763,7 +780,8 @@ def _step_terms(
     ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
     cb_mask, retain_mask = batch.cb_mask.to(device), batch.retain_mask.to(device)
     n = batch.n_cb
-    t_pos, r_pos = _positions(t_idx, len(layers)), _positions(r_idx, len(layers))
+    layers = setup.layers
+    t_pos, r_pos = setup.positions(setup.targets), setup.positions(setup.retain_layers)
     pair.set_training(False)
     with pair.original(), torch.no_grad():
         orig = pair.resid_layers(ids, attention, layers)
@@ -774,7 +792,7 @@ def _step_terms(
     cb_broken, retain_broken = _RowBlocks.apply(n, t_pos, r_pos, *broken)
     c_s, c_r = losses.schedule(step + 1, config.steps, config.lorra_alpha)
     c_r *= config.retain_weight
-    cb_loss = cb_term(config, cb_orig, cb_broken, cb_mask, aux)
+    cb_loss = cb_term(config, cb_orig, cb_broken, cb_mask, setup.aux)
     retain_loss = losses.retain_loss(retain_orig, retain_broken, retain_mask, relative=config.retain_relative)
 
     def retain_at_targets() -> tuple[Tensor, Tensor]:
@@ -803,10 +821,7 @@ def _sharded_optimiser_step(
     encoded: EncodedData,
     entry: Mapping[str, Any],
     step: int,
-    layers: list[int],
-    t_idx: Tensor | slice,
-    r_idx: Tensor | slice,
-    aux: Mapping[str, Tensor],
+    setup: StepSetup,
     optimizer: torch.optim.Optimizer,
     ctx: DistContext,
 ) -> dict[str, Any]:
@@ -819,7 +834,7 @@ def _sharded_optimiser_step(
     """
     whole = encoded.batch(entry)  # only for the global token counts (cheap: no forward)
     batch = encoded.batch(shard_entry(entry, ctx.rank, ctx.world_size))
-    t = _step_terms(pair, config, batch, step, layers, t_idx, r_idx, aux)
+    t = _step_terms(pair, config, batch, step, setup)
     cb_orig, cb_broken = t["cb_orig"], t["cb_broken"]
     cb_mask, retain_mask, c_s, c_r = t["cb_mask"], t["retain_mask"], t["c_s"], t["c_r"]
     n_cb, n_retain = batch.cb_mask.sum(), batch.retain_mask.sum()
