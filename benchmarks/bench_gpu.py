@@ -48,11 +48,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import floor_step, make_batch, official_step, peft_forward  # noqa: E402
+from bench_train import floor_step, layer_index, make_batch, official_step, peft_forward  # noqa: E402
 
 from cbscope.layers import default_target_layers  # noqa: E402
 from cbscope.lorra import LorraConfig  # noqa: E402
-from cbscope.lorra.trainer import StepSetup, _train_step, layer_index, prepare_pair  # noqa: E402
+from cbscope.lorra.trainer import StepSetup, _train_step, prepare_pair  # noqa: E402
 
 logger = logging.getLogger("bench_gpu")
 

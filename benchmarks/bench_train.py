@@ -42,7 +42,7 @@ import torch
 
 from cbscope.lorra import LorraConfig, losses
 from cbscope.lorra.data import EncodedExample, collate
-from cbscope.lorra.trainer import StepSetup, _train_step, layer_index, prepare_pair
+from cbscope.lorra.trainer import StepSetup, _train_step, prepare_pair
 from cbscope.native_paths import _lean_lora_forward
 
 
@@ -68,6 +68,15 @@ def make_batch(vocab: int, batch_size: int, max_length: int, seed: int = 0) -> A
         ids = torch.randint(3, vocab, (length,), generator=gen).tolist()
         rows.append(EncodedExample(ids, length // 2))
     return collate(rows[:batch_size], rows[batch_size:], pad_id=0)
+
+
+def layer_index(layers: list[int], wanted: list[int]) -> torch.Tensor | slice:
+    """Positions of ``wanted`` in ``layers`` for indexing the floor's stacked tensor: a slice (a
+    view, no copy) when contiguous."""
+    positions = [layers.index(layer) for layer in wanted]
+    if positions == list(range(positions[0], positions[-1] + 1)):
+        return slice(positions[0], positions[-1] + 1)
+    return torch.tensor(positions)
 
 
 def official_step(pair: Any, config: LorraConfig, batch: Any, step: int, targets: list[int], optimizer: Any) -> None:

@@ -672,14 +672,6 @@ def _rank_rng_states(ctx: DistContext) -> dict[str, Tensor]:
     return states
 
 
-def layer_index(layers: list[int], wanted: list[int]) -> Tensor | slice:
-    """Positions of ``wanted`` in ``layers``: a slice (a view, no copy) when contiguous."""
-    positions = [layers.index(layer) for layer in wanted]
-    if positions == list(range(positions[0], positions[-1] + 1)):
-        return slice(positions[0], positions[-1] + 1)
-    return torch.tensor(positions)
-
-
 def _train_step(
     pair: Any,
     config: LorraConfig,
@@ -802,7 +794,6 @@ def _step_terms(
                     torch.stack([broken[i][n:] for i in t_pos]))
 
     return {
-        "n": n,
         "cb_orig": cb_orig,
         "cb_broken": cb_broken,
         "retain_at_targets": retain_at_targets,
