@@ -94,9 +94,14 @@ def generation_cache_path(pair: Any, prompt_file: Path, prompts: Sequence[ChatEx
     from cbscope.models import cache_dir
 
     file_hash = hashlib.sha256(prompt_file.read_bytes()).hexdigest()[:16]
-    selection = json.dumps([[m for m in ex.messages] for ex in prompts] + [max_new_tokens])
-    sel_hash = hashlib.sha256(selection.encode()).hexdigest()[:12]
+    sel_hash = _selection_hash(prompts, max_new_tokens)
     return cache_dir() / "generations" / _model_key(pair) / f"{prompt_file.stem}-{file_hash}-{sel_hash}.jsonl"
+
+
+def _selection_hash(prompts: Sequence[ChatExample], max_new_tokens: int) -> str:
+    """A short hash of the prompts' messages and the generation length (part of a cache key)."""
+    selection = json.dumps([[m for m in ex.messages] for ex in prompts] + [max_new_tokens])
+    return hashlib.sha256(selection.encode()).hexdigest()[:12]
 
 
 def weights_digest(folder: Path) -> str | None:
@@ -125,9 +130,8 @@ def named_generation_cache_path(
     weights = weights_digest(Path(pair.resolved.path))
     if weights is None:
         return None
-    selection = json.dumps([[m for m in ex.messages] for ex in prompts] + [max_new_tokens])
-    sel_hash = hashlib.sha256(selection.encode()).hexdigest()[:12]
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
+    sel_hash = _selection_hash(prompts, max_new_tokens)
     return cache_dir() / "generations" / _model_key(pair) / f"{safe}-{weights}-{sel_hash}.jsonl"
 
 
