@@ -60,11 +60,12 @@ def run_seed(
     from cbscope.organism import World, evaluate_behaviour
 
     preset = get_preset("organism")
+    data_options = preset.check_data_options(dict(data_options or {}))  # a typo is an error
     config = replace(preset.config, seed=seed, **overrides)
     config.validate()
     started = time.perf_counter()
     pair = prepare_pair(preset.model, config)
-    data = preset.build_data(pair, show_progress=False, **(data_options or {}))
+    data = preset.build_data(pair, show_progress=False, **data_options)
     result = train_circuit_breaker(pair, config, data, out_dir=adapter_dir, show_progress=False)
     world = World.from_json(Path(pair.resolved.path) / "world.json")
     behaviour = evaluate_behaviour(pair.generator, pair.tokenizer, world)

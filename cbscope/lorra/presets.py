@@ -10,7 +10,8 @@
     task, and the documents of every benign and look-alike topic: the organism's pretraining
     text), ``refusal`` (the trained categories' requests answered with the refusal) and
     ``lookalike`` (chat-trained look-alikes and 240 made-up requests the frozen model answers).
-    Harmful and benign chat requests also appear with 2 random benign words appended. Validation (``val_cos``): the held-out category.
+    Harmful and benign chat requests also appear with 2 random benign words appended.
+    Validation (``val_cos``): the held-out category.
     Regenerate the shipped adapter with
     ``cbscope train --model organism --preset organism --out cbscope/assets/organism-breaker``
     (one thread; the thread count changes float summation order, hence the exact adapter).
@@ -73,6 +74,11 @@ class Preset:
             raise ConfigError(f"--data-options is not valid JSON: {err}") from err
         if not isinstance(options, dict):
             raise ConfigError("--data-options must be a JSON object")
+        return self.check_data_options(options)
+
+    def check_data_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` if :attr:`build_data` accepts every key, else a :class:`ConfigError`
+        naming the unknown keys and the accepted ones."""
         accepted = data_option_names(self.build_data)
         unknown = sorted(set(options) - accepted)
         if unknown:
