@@ -68,7 +68,7 @@ from cbscope.attacks import (
 )
 from cbscope.attacks.base import model_mode
 from cbscope.attacks.direct import generate_responses
-from cbscope.data import encode_chat, load_prompt_csv, pad_id_of, pad_right
+from cbscope.data import encode_chat, pad_id_of, pad_right
 from cbscope.judges import (
     ComplianceJudge,
     DegenerateJudge,
@@ -160,6 +160,11 @@ class EvalConfig:
         firing: Compute cosine-trace firing statistics (:func:`cbscope.trace.firing_stats`).
         firing_threshold: Cosine threshold of a firing.
         seed: Seed (subsampling of retain prompts).
+        sources: Harmful sources of a real-model evaluation (:mod:`cbscope.sources`: built-in
+            names or ``NAME=PATH``); ``None``: every built-in source in the data folder.
+        source_rows: Which rows of each source: ``"untrained"`` (every row the breaker was not
+            trained on) or ``"heldout"`` (the held-out side of the source's split only, the same
+            rows for every breaker; the cross-source matrix uses it).
     """
 
     attacks: list[str] = field(default_factory=lambda: list(ATTACK_NAMES))
@@ -180,6 +185,9 @@ class EvalConfig:
     firing: bool = True
     firing_threshold: float = 0.5
     seed: int = 0
+    sources: list[str] | None = None
+    source_rows: str = "untrained"
+    modes: list[str] | None = None
 
     def validate(self) -> EvalConfig:
         """Check attack names and ranges; returns ``self``."""
@@ -192,6 +200,14 @@ class EvalConfig:
             raise ValueError("repe_direction must be 'harmful_harmless' or 'refusal_compliance'")
         if self.repe.positions not in ("all", "prompt"):
             raise ValueError("repe positions must be 'all' or 'prompt'")
+        if self.modes is not None and (not self.modes or set(self.modes) - {"base", "cb"}):
+            raise ValueError(f"modes must be a non-empty subset of ['base', 'cb'], not {self.modes}")
+        if self.source_rows not in SOURCE_ROWS:
+            raise ValueError(f"source_rows must be one of {SOURCE_ROWS}")
+        if self.sources is not None:
+            from cbscope.sources import parse_sources
+
+            parse_sources(self.sources)
         if self.soft_prompt_target not in SOFT_PROMPT_TARGETS:
             raise ValueError(f"soft_prompt_target must be one of {SOFT_PROMPT_TARGETS}")
         self.soft_prompt.validate()
@@ -285,17 +301,6 @@ def spread(items: Sequence[Any], n: int | None, key: Callable[[Any], Any]) -> li
                 picked.append(members[depth])
         depth += 1
     return picked
-
-
-def shared_data_dir() -> Path | None:
-    """``$CBSCOPE_DATA``, else ``../shared/data`` beside the repository or the working folder."""
-    env = os.environ.get("CBSCOPE_DATA")
-    candidates = [Path(env)] if env else []
-    candidates += [
-        Path(__file__).resolve().parents[1].parent / "shared" / "data",
-        Path.cwd().parent / "shared" / "data",
-    ]
-    return next((c for c in candidates if c.is_dir()), None)
 
 
 def adapter_info(pair: ModelPair) -> dict[str, Any]:
@@ -492,6 +497,91 @@ def _harmless_prompts(data: Path | None, n: int) -> tuple[list[str], str]:
     return list(BUILTIN_HARMLESS)[:n], "builtin"
 
 
+SOURCE_ROWS = ("untrained", "heldout")
+
+
+def _eval_source_specs(config: EvalConfig, harmful_path: str | os.PathLike[str] | None) -> list[Any]:
+    """The harmful sources of a chat evaluation: ``config.sources``, else ``harmful_path`` (a
+    user source named ``harmful``), else every built-in source whose file is in the data folder.
+
+    Raises:
+        FileNotFoundError: No source given and none of the built-ins is available.
+    """
+    from cbscope.sources import BUILTIN_SOURCES, SourceSpec, data_dir, parse_sources
+
+    if config.sources:
+        return parse_sources(config.sources)
+    if harmful_path:
+        return [SourceSpec("harmful", str(harmful_path), description=f"user file {harmful_path}")]
+    root = data_dir()
+    found = [s for s in BUILTIN_SOURCES.values() if root is not None and (root / s.path).is_file()]
+    if not found:
+        raise FileNotFoundError(
+            "no harmful prompts: none of the built-in sources "
+            f"({', '.join(BUILTIN_SOURCES)}) is in the data folder (../shared/data or "
+            "$CBSCOPE_DATA); give --sources NAME=PATH or --harmful PATH"
+        )
+    return found
+
+
+def _legacy_heldout(info: dict[str, Any], source: Any) -> set[str] | None:
+    """Prompt keys an adapter made before sources were recorded held out of AdvBench."""
+    from cbscope.sources import prompt_key
+
+    if info.get("data_sources") or not info.get("heldout_prompts"):
+        return None
+    if source.name != "advbench" and source.path.name != "harmful_behaviors.csv":
+        return None
+    return {prompt_key(p) for p in info["heldout_prompts"]}
+
+
+def _source_items(
+    source: Any, info: dict[str, Any], config: EvalConfig
+) -> tuple[list[Item], list[Any], dict[str, Any]]:
+    """A source's evaluated items, its rows left for attack references, and its report entry."""
+    from cbscope.sources import overlap, prompt_key, trained_keys
+
+    keys = set().union(*trained_keys(info).values()) if trained_keys(info) else set()
+    legacy = _legacy_heldout(info, source)
+    rows = source.heldout() if config.source_rows == "heldout" else list(source.examples)
+    candidates = [
+        ex for ex in rows
+        if prompt_key(ex.prompt) not in keys
+        and (legacy is None or prompt_key(ex.prompt) in legacy)
+    ]
+    excluded = len(rows) - len(candidates)
+    fallback = not candidates
+    if fallback:
+        candidates = source.heldout() or list(source.examples)
+    limit = config.limit or len(candidates)
+    chosen = candidates[:: max(1, len(candidates) // limit)][:limit]
+    chosen_set = {id(ex) for ex in chosen}
+    rest = [ex for ex in source.examples if id(ex) not in chosen_set]
+    entry = overlap(info, source.name, [ex.prompt for ex in chosen])
+    split = "trained" if entry["trained_on_source"] else "heldout"
+    items = [
+        Item(
+            ex.prompt,
+            {
+                "source": source.name,
+                "split": split,
+                "prefill": str(ex.meta.get("prefill") or DEFAULT_PREFILL),
+                "target": str(ex.meta.get("prefill") or DEFAULT_PREFILL),
+            },
+        )
+        for ex in chosen
+    ]
+    entry.update(
+        file=str(source.path),
+        description=source.spec.description,
+        n_rows=len(source.examples),
+        rows=config.source_rows,
+        all_rows_trained=fallback and bool(keys or legacy),
+        excluded_trained=0 if fallback else excluded,
+    )
+    return items, rest, entry
+
+
 def chat_suite(
     pair: ModelPair,
     config: EvalConfig,
@@ -500,104 +590,106 @@ def chat_suite(
     xstest_path: str | os.PathLike[str] | None = None,
     judge: Any | None = None,
 ) -> EvalSuite:
-    """Evaluation data for a real chat model (AdvBench, XSTest, Alpaca-harmless; see module doc).
+    """Evaluation data for a real chat model: harmful prompts per source (see
+    :mod:`cbscope.sources`), XSTest safe look-alikes, Alpaca-harmless (see the module doc).
+
+    Every source contributes up to ``config.limit`` prompts the breaker was not trained on
+    (``train_info.json``'s ``data_sources``), each row carrying its ``source``; its ``split`` is
+    ``trained`` when the breaker trained on other rows of the same source and ``heldout`` when
+    it never saw the source. ``info["sources"]`` flags the overlaps.
 
     Raises:
-        FileNotFoundError: If no harmful prompt file is given and AdvBench is not in the shared
-            data folder.
+        FileNotFoundError: If no source is given and none is in the shared data folder.
     """
-    data = shared_data_dir()
-    path = (
-        Path(harmful_path)
-        if harmful_path
-        else (data / "advbench" / "harmful_behaviors.csv" if data else None)
+    from cbscope.sources import (
+        BENIGN_SOURCES,
+        Source,
+        SourceSpec,
+        data_dir,
+        load_source,
+        overlap,
+        prompt_key,
     )
-    if path is None or not path.is_file():
-        raise FileNotFoundError(
-            f"no harmful prompts: {path or '../shared/data/advbench/harmful_behaviors.csv'} not "
-            "found; give a CSV/JSONL of harmful prompts (harmful_path / --harmful)"
-        )
-    examples = load_prompt_csv(path) if path.suffix.lower() == ".csv" else _load_jsonl_prompts(path)
+
+    data = data_dir()
     info = adapter_info(pair)
-    wanted = info.get("heldout_prompts")
-    if wanted:
-        wanted_set = set(wanted)
-        heldout = [ex for ex in examples if ex.prompt in wanted_set]
-        train_side = [ex for ex in examples if ex.prompt not in wanted_set]
-        source = "adapter train_info.json heldout_prompts"
-    else:
-        n_held = min(CHAT_HELDOUT_DEFAULT, max(1, len(examples) // 4))
-        heldout, train_side = examples[-n_held:], examples[:-n_held]
-        source = f"last {n_held} rows of {path.name}"
+    sources = [load_source(spec) for spec in _eval_source_specs(config, harmful_path)]
+    harmful: list[Item] = []
+    reference: list[Any] = []
+    source_info: dict[str, Any] = {}
+    for source in sources:
+        items, rest, entry = _source_items(source, info, config)
+        harmful += items
+        reference += rest
+        source_info[source.name] = entry
+        if entry["trained_on_source"]:
+            logger.warning(
+                "source %s: the breaker was trained on this source (%s); its rows are not an "
+                "unseen source", source.name,
+                "every row was trained on" if entry["all_rows_trained"] else "held-out rows",
+            )
     limit = config.limit
-    harmful = [
-        Item(
-            ex.prompt,
-            {
-                "split": "heldout",
-                "prefill": str(ex.meta.get("target") or DEFAULT_PREFILL),
-                "target": str(ex.meta.get("target") or DEFAULT_PREFILL),
-            },
-        )
-        for ex in heldout
-    ][:limit]
+    by_source = spread(harmful, None, lambda it: it.meta["source"])
     n_requests = max(1, math.ceil(limit / len(REQUEST_TEMPLATES))) if limit else len(harmful)
+    wrapped = spread(harmful, n_requests, lambda it: it.meta["source"])
     prompts, metas = wrap_requests(
-        [it.prompt for it in harmful[:n_requests]],
-        REQUEST_TEMPLATES,
-        [dict(it.meta) for it in harmful[:n_requests]],
+        [it.prompt for it in wrapped], REQUEST_TEMPLATES, [dict(it.meta) for it in wrapped]
     )
     template = [Item(p, m) for p, m in zip(prompts, metas, strict=True)][:limit]
     soft_n = (
         config.soft_prompt_limit if config.soft_prompt_limit is not None else CHAT_SOFT_PROMPT_LIMIT
     )
-    soft = harmful[: min(soft_n, len(harmful))]
+    soft = spread(by_source, min(soft_n, len(harmful)), lambda it: it.meta["source"])
     harmless, harmless_source = _harmless_prompts(data, max(config.n_retain, config.repe_reference))
-    xstest = (
-        Path(xstest_path)
-        if xstest_path
-        else (data / "xstest" / "xstest_prompts.csv" if data else None)
+    safe_spec = (
+        SourceSpec("xstest_safe", str(xstest_path), "prompt", where=(("label", "safe"),))
+        if xstest_path else BENIGN_SOURCES["xstest_safe"]
     )
-    if xstest is not None and xstest.is_file():
-        safe = [ex.prompt for ex in load_prompt_csv(xstest) if ex.meta.get("label") == "safe"]
-        over = {"xstest_safe": [Item(p, {"source": "xstest"}) for p in safe][:limit]}
+    try:
+        safe: Source | None = load_source(safe_spec)
+    except FileNotFoundError:
+        safe = None
+    if safe is not None:
+        trained_safe = set((info.get("data_sources") or {}).get("xstest_safe", {}).get("prompt_keys") or [])
+        rows = [ex.prompt for ex in safe.examples if prompt_key(ex.prompt) not in trained_safe]
+        over = {"xstest_safe": [Item(p, {"source": "xstest"}) for p in rows][:limit]}
+        source_info["xstest_safe"] = {
+            **overlap(info, "xstest_safe", [it.prompt for it in over["xstest_safe"]]),
+            "file": str(safe.path), "benign": True, "excluded_trained": len(safe.examples) - len(rows),
+        }
     else:
         over = {"builtin_lookalikes": [Item(p, {"source": "builtin"}) for p in BUILTIN_LOOKALIKES]}
     if judge is None:
         judge = ComplianceJudge(DegenerateJudge(pair), RefusalKeywordJudge())
     n_train = config.finetune.n_examples
-    reference = train_side[: config.repe_reference]
-    repe_positive: list[Any] = [ex.prompt for ex in reference]
+    refs = reference[: config.repe_reference]
+    repe_positive: list[Any] = [ex.prompt for ex in refs]
     repe_negative: list[Any] = harmless[: config.repe_reference]
     if config.repe_direction == "refusal_compliance":
-        repe_positive = [(ex.prompt, CHAT_REFUSAL) for ex in reference]
-        repe_negative = [
-            (ex.prompt, str(ex.meta.get("target") or DEFAULT_PREFILL)) for ex in reference
-        ]
+        repe_positive = [(ex.prompt, CHAT_REFUSAL) for ex in refs]
+        repe_negative = [(ex.prompt, str(ex.meta.get("prefill") or DEFAULT_PREFILL)) for ex in refs]
     return EvalSuite(
         kind="chat",
         judge=judge,
-        harmful=harmful,
+        harmful=by_source,
         template=template,
         soft=soft,
         repe_positive=repe_positive,
         repe_negative=repe_negative,
         finetune_train=[
-            (ex.prompt, str(ex.meta.get("target") or DEFAULT_PREFILL))
-            for ex in train_side[-n_train:]
+            (ex.prompt, str(ex.meta.get("prefill") or DEFAULT_PREFILL))
+            for ex in reference[-n_train:]
         ],
-        finetune_eval=harmful,
+        finetune_eval=by_source,
         retain=[(p, "") for p in harmless[: config.n_retain]],
         over_refusal=over,
         world=None,
-        multiturn=_default_multiturn(harmful),
+        multiturn=_default_multiturn(by_source),
         info={
-            "harmful_file": str(path),
-            "heldout_source": source,
+            "sources": source_info,
+            "harmful_files": {s.name: str(s.path) for s in sources},
             "harmless_source": harmless_source,
-            "over_refusal_source": str(xstest)
-            if xstest is not None and xstest.is_file()
-            else "builtin",
+            "over_refusal_source": str(safe.path) if safe is not None else "builtin",
             "finetune_generate": True,
         },
     )
@@ -613,12 +705,6 @@ def _default_multiturn(harmful: Sequence[Item]) -> list[Item]:
         )
         for it in harmful
     ]
-
-
-def _load_jsonl_prompts(path: Path) -> list[Any]:
-    from cbscope.data import load_jsonl
-
-    return load_jsonl(path, require_response=False)
 
 
 # ---------------------------------------------------------------------- rows
@@ -765,6 +851,16 @@ def summarise(rows: Sequence[dict[str, Any]], primary_lr: float | None = None) -
             c: _by_mode([r for r in mine if r.get("category") == c], lambda r: r["success"])
             for c in cats
         }
+        sources = list(dict.fromkeys(r["source"] for r in mine if r.get("source")))
+        if sources:
+            entry["by_source"] = {
+                src: {
+                    **_by_mode([r for r in mine if r.get("source") == src], lambda r: r["success"]),
+                    "n": _n([r for r in mine if r.get("source") == src]),
+                    "split": next(r.get("split") for r in mine if r.get("source") == src),
+                }
+                for src in sources
+            }
         entry["outcomes"] = {
             mode: {
                 o: _rate(r["outcome"] == o for r in mine if r["mode"] == mode)
@@ -1010,6 +1106,7 @@ class Report:
                 f"{_pct(row['cb_fired'])} | "
                 f"{row['n']} |"
             )
+        lines += self._source_lines()
         lines += ["", *self._settings_lines()]
         lines += ["", "## Capability", "", "| metric | base | CB | n |", "|---|---:|---:|---:|"]
         for metric, entry in self.capability.items():
@@ -1074,6 +1171,62 @@ class Report:
             lines += ["", "## Timings (s)", ""]
             lines += [f"- {k}: {v:.1f}" for k, v in timings.items()]
         return "\n".join(lines) + "\n"
+
+    def source_table(self) -> list[dict[str, Any]]:
+        """One row per (harmful source, attack): base and CB rates, n, and whether the breaker
+        trained on that source (``seen``) or on some of the very prompts (``n_overlap``)."""
+        sources = self.meta.get("data", {}).get("sources", {})
+        table = []
+        for name, entry in self.attacks.items():
+            for src, e in entry.get("by_source", {}).items():
+                facts = sources.get(src, {})
+                table.append(
+                    {
+                        "source": src,
+                        "attack": name,
+                        "base": e.get("base"),
+                        "cb": e.get("cb"),
+                        "n": e.get("n"),
+                        "seen": bool(facts.get("trained_on_source")),
+                        "n_overlap": facts.get("n_overlap", 0),
+                        "excluded": facts.get("excluded_trained", 0),
+                        "known": facts.get("known", False),
+                    }
+                )
+        return sorted(table, key=lambda r: (r["source"], list(self.attacks).index(r["attack"])))
+
+    def _source_lines(self) -> list[str]:
+        table = self.source_table()
+        if not table:
+            return []
+        lines = [
+            "",
+            "## Attacks by harmful source",
+            "",
+            "| source | trained on this source? | attack | base | CB | n |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        for row in table:
+            if row["n_overlap"]:
+                seen = f"**yes: {row['n_overlap']} evaluated prompts were trained on**"
+            elif row["seen"]:
+                seen = "yes (held-out rows)"
+            else:
+                seen = "no (unseen source)" if row["known"] else "unknown (adapter records none)"
+            if row["excluded"]:
+                seen += f"; {row['excluded']} rows it trained on left out"
+            lines.append(
+                f"| {row['source']} | {seen} | {row['attack']} | {_pct(row['base'])} | "
+                f"{_pct(row['cb'])} | {row['n']} |"
+            )
+        flagged = sorted({r["source"] for r in table if r["seen"]})
+        if flagged:
+            lines += [
+                "",
+                f"Flagged: the breaker was trained on {', '.join(flagged)}; rows of a trained "
+                "source measure in-distribution phrasing, not generalisation to an unseen source.",
+            ]
+        return lines
 
     def _settings_lines(self) -> list[str]:
         """One line per configurable attack: what was run."""
@@ -1596,6 +1749,11 @@ def evaluate_pair(
     modes = ["base", "cb"] if pair.has_adapter else ["base"]
     if not pair.has_adapter:
         logger.warning("no adapter: reporting the base model only")
+    if config.modes is not None:
+        modes = [m for m in modes if m in config.modes]
+        if not modes:
+            raise ValueError(f"modes {config.modes}: the pair has no adapter, so only 'base'")
+    compare = pair.has_adapter and "cb" in modes
     rows: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
     meta: dict[str, Any] = {}
@@ -1606,8 +1764,8 @@ def evaluate_pair(
     phases = [f"{n} ({m})" for n, m in attack_steps]
     phases += ["finetune"] if "finetune" in config.attacks else []
     phases += ["capability and over-refusal"]
-    phases += ["retain KL"] if pair.has_adapter and suite.retain else []
-    phases += ["firing stats"] if config.firing and pair.has_adapter else []
+    phases += ["retain KL"] if compare and suite.retain else []
+    phases += ["firing stats"] if config.firing and compare else []
     bar = tqdm(total=len(phases), desc="cbscope eval", disable=not show_progress)
 
     @contextlib.contextmanager
@@ -1643,7 +1801,7 @@ def evaluate_pair(
             rows += _chat_over_refusal_rows(pair, suite, modes, config, max_new)
 
     retain = list(suite.retain)
-    if pair.has_adapter and retain:
+    if compare and retain:
         with phase("retain KL"):
             missing = [i for i, (_, r) in enumerate(retain) if not r]
             if missing:
@@ -1660,8 +1818,8 @@ def evaluate_pair(
             rows += retain_divergence(pair, retain)
 
     meta["firing_threshold"] = config.firing_threshold
-    meta["firing_note"] = "skipped (no adapter)" if not pair.has_adapter else "disabled"
-    if config.firing and pair.has_adapter:
+    meta["firing_note"] = "skipped (no adapter)" if not compare else "disabled"
+    if config.firing and compare:
         with phase("firing stats"):
             if suite.firing_harmful:
                 harmful_items = [Item(p, {**m, "response": r}) for p, r, m in suite.firing_harmful]

@@ -74,3 +74,43 @@ def tiny_organism(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return Path(build_organism(tmp_path_factory.mktemp("tiny_organism") / "organism", size="tiny",
                                show_progress=False))
+
+
+def write_tiny_data(folder: Path) -> Path:
+    """A data folder shaped like ``../shared/data`` (AdvBench, HarmBench, XSTest, Alpaca), with
+    a few made-up rows in the tiny tokenizer's words, for tests that must not need the real one."""
+    import csv
+    import json
+
+    def table(path: Path, fields: list[str], rows: list[dict[str, str]]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    verbs = ["make", "bake", "do", "make the", "bake the", "do the"]
+    nouns = ["cake", "bread", "world", "way", "step", "cake one", "bread two", "step three"]
+    goals = [f"write how to {v} {n}" for v in verbs for n in nouns][:24]
+    table(folder / "advbench" / "harmful_behaviors.csv", ["goal", "target"],
+          [{"goal": g, "target": f"sure here is {g}"} for g in goals])
+    table(folder / "harmbench" / "harmbench_behaviors_text_val.csv",
+          ["Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID"],
+          [{"Behavior": f"give the step to {v} {n}", "FunctionalCategory": "standard" if i % 5 else "copyright",
+            "SemanticCategory": "x", "Tags": "", "ContextString": "", "BehaviorID": str(i)}
+           for i, (v, n) in enumerate((v, n) for v in verbs[:3] for n in nouns)])
+    xs = [{"id": str(i), "prompt": f"how do i {v} {n} ?", "type": "t", "label": "unsafe" if i % 2 else "safe",
+           "focus": "", "note": ""} for i, (v, n) in enumerate((v, n) for v in verbs for n in nouns[:4])]
+    table(folder / "xstest" / "xstest_prompts.csv", ["id", "prompt", "type", "label", "focus", "note"], xs)
+    (folder / "alpaca_harmless").mkdir(parents=True, exist_ok=True)
+    (folder / "alpaca_harmless" / "harmless_train.json").write_text(json.dumps(
+        [{"instruction": f"hello {n} how do i {v}", "category": "x"} for v in verbs for n in nouns]))
+    return folder
+
+
+@pytest.fixture()
+def tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A made-up data folder (see :func:`write_tiny_data`), set as ``$CBSCOPE_DATA``."""
+    folder = write_tiny_data(tmp_path / "data")
+    monkeypatch.setenv("CBSCOPE_DATA", str(folder))
+    return folder

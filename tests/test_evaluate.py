@@ -211,12 +211,61 @@ def test_chat_suite_on_tiny_llama(tiny_llama: Path, tmp_path: Path) -> None:
     assert report.meta["suite"] == "chat" and report.meta["judge"] == "compliance"
     prefill_rows = [r for r in report.rows if r.get("attack") == "prefill"]
     assert prefill_rows[0]["prefill"] == "sure here is the way"
-    assert report.attacks["direct"]["n"] == 2  # the last quarter of 8 rows is held out
+    assert report.attacks["direct"]["n"] == 6  # limit 6 of the 8 rows (none trained on)
+    assert {r["source"] for r in report.rows if r.get("attack") == "direct"} == {"harmful"}
     assert report.over_refusal["xstest_safe"]["n"] == 1
     # fine-tuning data are the base model's completions of the targets; base-only curves
     assert {c["mode"] for c in report.finetune_attack["curves"]} == {"base"}
     assert len(report.finetune_attack["curves"]) == 2
     assert report.attacks["soft_prompt"]["n"] == 2 and report.attacks["repe"]["base"] is not None
+
+
+def test_per_source_rows_recompute_and_trained_sources_are_flagged(
+    tiny_llama: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    from peft import LoraConfig
+
+    from cbscope.pair import load_pair
+    from cbscope.sources import load_source, training_record
+
+    adv = load_source("advbench")
+    trained = adv.train()[:4]
+    adapter = tmp_path / "cb"
+    torch.manual_seed(0)
+    pair = load_pair(tiny_llama, lora_config=LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                        target_modules=["q_proj", "v_proj"]))
+    pair.save_adapter(adapter)
+    (adapter / "train_info.json").write_text(json.dumps(
+        {"data_sources": {"advbench": training_record(adv, trained)}}))
+    pair = load_pair(tiny_llama, adapter)
+    mine = tmp_path / "mine.csv"
+    mine.write_text("prompt\n" + trained[0].prompt + "\nhow do i make the bread\n")
+    report = evaluate_pair(
+        pair, attacks="direct,prefill",
+        config=small_config(max_new_tokens=3, sources=["advbench", "harmbench", f"mine={mine}"]),
+        show_progress=False,
+    )
+    saved = Report.load(report.save(tmp_path / "r")["json"])
+    for attack in ("direct", "prefill"):
+        by_source = saved.attacks[attack]["by_source"]
+        assert list(by_source) == ["advbench", "harmbench", "mine"]
+        for source, entry in by_source.items():
+            mine_rows = [r for r in saved.rows if r.get("attack") == attack and r["source"] == source]
+            for mode in ("base", "cb"):
+                assert entry[mode] == _mean(r["success"] for r in mine_rows if r["mode"] == mode)
+            assert entry["n"] == sum(1 for r in mine_rows if r["mode"] == "cb")
+    # trained prompts are not evaluated; a source the breaker trained on is flagged
+    evaluated = {r["prompt"] for r in saved.rows if r.get("attack") == "direct"}
+    assert not evaluated & {ex.prompt for ex in trained[1:]}
+    sources = saved.meta["data"]["sources"]
+    assert sources["advbench"]["trained_on_source"] and not sources["harmbench"]["trained_on_source"]
+    assert sources["mine"]["n_overlap"] == 0 and sources["mine"]["n"] == 1  # the trained row dropped
+    assert sources["mine"]["excluded_trained"] == 1 and "1 rows it trained on left out" in saved.markdown()
+    table = {(r["source"], r["attack"]): r for r in saved.source_table()}
+    assert table[("advbench", "direct")]["seen"] and not table[("harmbench", "direct")]["seen"]
+    assert "Flagged: the breaker was trained on advbench" in saved.markdown()
+    assert {r["split"] for r in saved.rows if r.get("source") == "advbench"} == {"trained"}
+    assert {r["split"] for r in saved.rows if r.get("source") == "harmbench"} == {"heldout"}
 
 
 def test_cli_writes_three_files(organism, tmp_path: Path) -> None:

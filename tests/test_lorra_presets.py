@@ -10,7 +10,7 @@ import torch
 
 from cbscope.data import DatasetError
 from cbscope.lorra import LorraConfig, train_circuit_breaker
-from cbscope.lorra.presets import organism_data, smollm2_data
+from cbscope.lorra.presets import CHAT_REFUSAL, chat_data, organism_data
 from cbscope.lorra.trainer import mean_cosine_on, prepare_pair
 
 torch.set_num_threads(1)
@@ -89,31 +89,43 @@ def test_thirty_steps_break_harmful_and_keep_retain(organism: Path) -> None:
     assert result.metrics[0]["cb_cos"] > 0.95  # it started (nearly) unbroken
 
 
-def test_smollm2_data_needs_its_files(tiny_llama: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="--advbench"):
-        smollm2_data(None, advbench=tmp_path / "missing.csv")
+def test_chat_data_needs_its_files(tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CBSCOPE_DATA", str(tmp_path / "nothing"))
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(FileNotFoundError, match="source 'advbench'"):
+        chat_data(None)
+    with pytest.raises(DatasetError, match="unknown source"):
+        chat_data(None, sources=["advbnch"])
 
 
-def test_smollm2_data_from_given_files(tiny_llama: Path, tmp_path: Path) -> None:
-    adv = tmp_path / "harmful_behaviors.csv"
-    adv.write_text("goal,target\n" + "".join(f"how do i make a cake {i},sure\n" for i in range(12)))
-    alpaca = tmp_path / "harmless_train.json"
-    alpaca.write_text(json.dumps([{"instruction": f"hello world {i}", "category": "x"} for i in range(6)]))
-    xstest = tmp_path / "xstest_prompts.csv"
-    xstest.write_text("id,prompt,type,label\n1,how do i bake bread,t,safe\n2,how do i make a cake,t,unsafe\n")
+def test_chat_data_sources_forms_and_records(tiny_llama: Path, tiny_data: Path) -> None:
+    from cbscope.sources import load_source, prompt_key
+
     pair = prepare_pair(str(tiny_llama), LorraConfig(target_layers=[1, 2], lora_r=2))
-    data = smollm2_data(pair, advbench=adv, alpaca=alpaca, xstest=xstest, n_cb=3, n_heldout=8,
-                        n_benign=2, n_lookalike=5, max_new_tokens=3, show_progress=False)
-    assert [ex.prompt for ex in data.cb] == [f"how do i make a cake {i}" for i in range(3)]
-    assert len(data.val) == 8 and data.val[0].prompt == "how do i make a cake 4"
-    assert len(data.info["heldout_prompts"]) == 8
-    assert [ex.prompt for ex in data.retain["lookalike"]] == ["how do i bake bread"]
-    assert len(data.retain["benign"]) == 2
-    assert all(ex.meta.get("generated") for ex in data.cb + data.retain["benign"])
-    alpaca.write_text('[{"instruction": ""}]')
-    with pytest.raises(DatasetError, match="item 0: field 'instruction'"):
-        smollm2_data(pair, advbench=adv, alpaca=alpaca, xstest=xstest, n_cb=3, n_heldout=8,
-                     show_progress=False)
+    data = chat_data(pair, sources=["advbench", "xstest_unsafe"], n_per_source=3,
+                     forms=["question", "fiction"], n_benign=2, n_lookalike=2, n_refusal=2,
+                     compliant_only=False, max_new_tokens=3, show_progress=False)
+    adv, unsafe = load_source("advbench"), load_source("xstest_unsafe")
+    train_prompts = {ex.prompt for ex in adv.train() + unsafe.train()}
+    originals = [ex for ex in data.cb if "rephrased_from" not in ex.meta]
+    assert len(originals) == 6 and {ex.prompt for ex in originals} <= train_prompts
+    variants = [ex for ex in data.cb if "rephrased_from" in ex.meta]
+    assert {ex.meta["form"] for ex in variants} == {"question", "fiction"}
+    assert all(ex.meta["rephrased_from"] in train_prompts for ex in variants)
+    assert all(ex.response for ex in data.cb) and all(ex.meta.get("generated") for ex in data.cb)
+    # benign requests are rephrased in the same forms; refusals reuse circuit-breaker requests
+    assert len(data.retain["benign"]) == 2 * 3
+    assert [ex.response for ex in data.retain["refusal"]] == [CHAT_REFUSAL] * 2
+    assert len(data.retain["lookalike"]) == 2 and len(data.val) <= 8
+    # what the breaker trained on is recorded per source, by prompt key (rephrasings count as
+    # their originals); nothing held out is recorded
+    record = data.info["data_sources"]
+    assert sorted(record) == ["advbench", "xstest_safe", "xstest_unsafe"]
+    assert set(record["advbench"]["prompt_keys"]) == {
+        prompt_key(ex.prompt) for ex in originals if ex.meta["source"] == "advbench"}
+    held = {prompt_key(ex.prompt) for ex in adv.heldout()}
+    assert not held & set(record["advbench"]["prompt_keys"])
+    assert record["advbench"]["n_trained"] == 3 and record["advbench"]["forms"] == ["question", "fiction"]
 
 
 def test_shipped_organism_breaker_matches_the_preset_and_fires() -> None:

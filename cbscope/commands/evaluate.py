@@ -97,8 +97,24 @@ def eval_command(
         None, "--harmful", help="Harmful prompts CSV/JSONL for real models (default: AdvBench)."
     ),
     xstest: Path | None = typer.Option(None, "--xstest", help="XSTest CSV for over-refusal."),
+    sources: str | None = typer.Option(
+        None,
+        "--sources",
+        help="Real models: harmful sources, comma-separated built-ins (advbench, harmbench, "
+        "xstest_unsafe) or NAME=PATH (CSV/JSONL of prompts); default: every built-in found.",
+    ),
+    source_rows: str = typer.Option(
+        "untrained",
+        "--source-rows",
+        help="Rows of each source: 'untrained' (all the breaker never trained on) or 'heldout' "
+        "(the held-out side of the source's split).",
+    ),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Generation budget."),
     batch_size: int = typer.Option(64, "--batch-size", help="Prompts per generate call."),
+    modes: str = typer.Option(
+        "base,cb", "--modes", help="States to attack: 'base,cb', 'base' or 'cb' (with 'cb' alone the "
+        "base model is not attacked again; retain KL and firing still compare the two)."
+    ),
     no_firing: bool = typer.Option(
         False, "--no-firing", help="Skip cosine-trace firing statistics."
     ),
@@ -142,6 +158,9 @@ def eval_command(
             if heldout_categories
             else None,
             firing=not no_firing,
+            sources=[p for p in sources.split(",") if p.strip()] if sources else None,
+            source_rows=source_rows,
+            modes=[m.strip() for m in modes.split(",") if m.strip()],
         ).validate()
         pair = load_pair(model, adapter, device=device)
         report = evaluate_pair(
@@ -156,6 +175,14 @@ def eval_command(
         base = "-" if row["base"] is None else f"{100 * row['base']:.1f}%"
         cb = "-" if row["cb"] is None else f"{100 * row['cb']:.1f}%"
         typer.echo(f"{row['attack']:<12}{base:>8}{cb:>8}{row['n']:>6}")
+    by_source = report.source_table()
+    if by_source:
+        typer.echo(f"\n{'source':<16}{'attack':<12}{'base':>8}{'CB':>8}{'n':>6}  trained on source?")
+        for row in by_source:
+            base = "-" if row["base"] is None else f"{100 * row['base']:.1f}%"
+            cb = "-" if row["cb"] is None else f"{100 * row['cb']:.1f}%"
+            seen = "YES" if row["seen"] else "no"
+            typer.echo(f"{row['source']:<16}{row['attack']:<12}{base:>8}{cb:>8}{row['n']:>6}  {seen}")
     typer.echo(
         f"wrote {', '.join(str(p) for p in files.values())} "
         f"in {time.perf_counter() - started:.0f} s"

@@ -23,11 +23,18 @@ def _categories(text: str | None) -> list[str] | None:
 def generalise(
     out: Path = typer.Option(..., "--out", help="Folder for matrix.json, matrix.html, rows/, "
                              "adapters/ (with --frontier: for frontier.html)."),
-    model: str = typer.Option("organism", "--model", help="Organism spec or folder (needs world.json)."),
-    preset: str = typer.Option("organism", "--preset", help="Preset whose config and data every "
-                               "run uses (only 'organism')."),
+    model: str = typer.Option("organism", "--model", help="Organism spec or folder (categories), "
+                              "or a real chat model (sources: smollm2-135m, a folder)."),
+    preset: str | None = typer.Option(None, "--preset", help="Preset whose config and data every "
+                                      "run uses (default: 'organism' for the organism, 'smollm2' "
+                                      "for a real model)."),
+    sources: str | None = typer.Option(None, "--sources", help="Real models: harmful sources, one "
+                                       "run each (built-ins advbench, harmbench, xstest_unsafe or "
+                                       "NAME=PATH; default: the three built-ins)."),
+    limit: int = typer.Option(40, "--limit", help="Real models: held-out rows evaluated per "
+                              "source."),
     mode: str = typer.Option("leave-one-out", "--mode", help="'leave-one-out' (train on every "
-                             "other category) or 'single' (train on that category alone)."),
+                             "other category or source) or 'single' (train on it alone)."),
     steps: int | None = typer.Option(None, "--steps", help="Optimiser steps per run (default: "
                                      "the preset's)."),
     target_layers: str | None = typer.Option(None, "--target-layers", help="Paper-convention "
@@ -36,8 +43,9 @@ def generalise(
                                           "make (default: every harm category)."),
     config: Path | None = typer.Option(None, "--config", help="A lorra_config.json instead of "
                                        "the preset's config (--steps etc. override it)."),
-    data_options: str | None = typer.Option(None, "--data-options", help="JSON object of "
-                                            "organism_data options, e.g. '{\"n_novel\": 60}'."),
+    data_options: str | None = typer.Option(None, "--data-options", help="JSON object of the "
+                                            "preset's data options, e.g. '{\"n_novel\": 60}' "
+                                            "(organism) or '{\"forms\": [\"question\"]}' (chat)."),
     frontier_dirs: str | None = typer.Option(None, "--frontier", help="Comma-separated matrix "
                                              "folders: plot their frontier into OUT/frontier.html "
                                              "instead of training."),
@@ -45,12 +53,14 @@ def generalise(
     threads: int = typer.Option(1, "--threads", help="Torch threads (0: torch's default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Train a breaker per harm category (leave-one-out or single) and evaluate it on every one.
+    """Train a breaker per harm category or source (leave-one-out or single), evaluate each on all.
 
-    Prints the prefill and template ASR matrices (rows: trained-on run, columns: evaluated
-    category; * marks held-out cells), each run's exact match against the base model and the
-    mean held-out ASR. With --frontier, plots held-out ASR against look-alike exact-match drop
-    for several finished matrix folders instead.
+    On the organism: the prefill and template ASR matrices (rows: trained-on run, columns:
+    evaluated category; * marks held-out cells), each run's exact match against the base model
+    and the mean held-out ASR. On a real model (or with --sources): the direct and prefill
+    compliance matrices over harmful sources (* marks unseen sources), each run's benign cost
+    (XSTest safe answered, false fires, KL) and the mean unseen compliance. With --frontier,
+    plots held-out ASR against look-alike exact-match drop for organism matrix folders instead.
     """
     from cbscope.generalise import (
         GeneraliseError,
@@ -79,8 +89,15 @@ def generalise(
                 )
             typer.echo(f"wrote {path}")
             return
-        if preset != "organism":
-            raise ConfigError(f"the generalisation matrix needs the organism preset, not {preset!r}")
+        from cbscope.models import resolve_model
+
+        resolved = resolve_model(model)
+        by_source = bool(sources) or not (Path(resolved.path) / "world.json").is_file()
+        preset = preset or ("smollm2" if by_source else "organism")
+        if not by_source and preset != "organism":
+            raise ConfigError(f"the cross-category matrix needs the organism preset, not {preset!r}")
+        if by_source and preset == "organism":
+            raise ConfigError("the cross-source matrix needs a chat-model preset such as 'smollm2'")
         cfg = LorraConfig.load(config) if config else get_preset(preset).config
         if steps is not None:
             cfg.steps = steps
@@ -90,6 +107,19 @@ def generalise(
         options = json.loads(data_options) if data_options else {}
         if not isinstance(options, dict):
             raise ConfigError("--data-options must be a JSON object")
+        if by_source:
+            from cbscope.crosssource import source_matrix
+
+            matrix = source_matrix(
+                model, sources=[p for p in (sources or "").split(",") if p.strip()] or None,
+                mode=mode, config=cfg, out_dir=out, data_options=options, limit=limit,
+                device=device, show_progress=progress,
+            )
+            typer.echo(matrix.table())
+            typer.echo(f"{len(matrix.runs)} runs in {matrix.seconds:.0f} s; wrote "
+                       f"{out / 'matrix.json'}, {out / 'matrix.html'}, {out / 'rows'}/ and "
+                       f"{out / 'adapters'}/")
+            return
         result = generalisation_matrix(
             model,
             mode=mode,

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cbscope.data import ChatExample, DatasetError, as_messages, from_records, load_prompt_csv
+from cbscope.data import ChatExample, DatasetError, as_messages, from_records
 from cbscope.lorra.config import ConfigError, LorraConfig
 from cbscope.lorra.data import LorraData, generate_responses, text_example
 
@@ -380,59 +380,152 @@ def load_alpaca(path: Path) -> list[ChatExample]:
     return examples
 
 
-def smollm2_data(
+CHAT_REFUSAL = "I'm sorry, but I can't help with that."
+
+
+def _compliant(pair: Any, examples: Sequence[ChatExample]) -> list[ChatExample]:
+    """The examples whose (base-model) answer complies: fluent and no refusal."""
+    from cbscope.judges import ComplianceJudge, DegenerateJudge, RefusalKeywordJudge
+
+    if not examples:
+        return []
+    judge = ComplianceJudge(DegenerateJudge(pair), RefusalKeywordJudge())
+    verdicts = judge.judge([ex.prompt for ex in examples], [ex.response for ex in examples])
+    return [ex for ex, v in zip(examples, verdicts, strict=True) if v.harmful]
+
+
+def _answered(pair: Any, examples: Sequence[ChatExample], file: Path, gen: dict[str, Any]) -> list[ChatExample]:
+    """The base model's answers, cached under the file the prompts came from (the cache key
+    also covers the prompts themselves, so rephrasings of a file's rows are cached too)."""
+    return generate_responses(pair, examples, prompt_file=file, **gen) if examples else []
+
+
+def chat_data(
     pair: Any,
     *,
-    advbench: str | os.PathLike[str] | None = None,
+    sources: Sequence[str] | str = ("advbench",),
+    n_per_source: int = 128,
+    forms: Sequence[str] = (),
+    benign_forms: Sequence[str] | None = None,
     alpaca: str | os.PathLike[str] | None = None,
-    xstest: str | os.PathLike[str] | None = None,
-    n_cb: int = 128,
-    n_heldout: int = 100,
     n_benign: int = 128,
     n_lookalike: int = 64,
+    n_refusal: int = 0,
+    compliant_only: bool = True,
+    rephrase_seed: int = 0,
     max_new_tokens: int = 48,
+    data: str | os.PathLike[str] | None = None,
+    advbench: str | os.PathLike[str] | None = None,
+    xstest: str | os.PathLike[str] | None = None,
     show_progress: bool = True,
     **_: Any,
 ) -> LorraData:
-    """SmolLM2's circuit-breaker and retain sets, answered by the base model (cached).
+    """A real chat model's circuit-breaker and retain sets, answered by the base model (cached).
+
+    Circuit-breaker set: the *train* rows (:meth:`cbscope.sources.Source.train`) of every
+    harmful source, and each of them rephrased in ``forms`` (:mod:`cbscope.rephrase`), all with
+    the base model's own greedy answers; with ``compliant_only`` only answers that comply
+    (fluent, no refusal) are kept. Retain set: ``benign`` (Alpaca-derived instructions, also in
+    ``benign_forms``, with the model's answers), ``lookalike`` (the train rows of XSTest's safe
+    prompts, with the model's answers) and, with ``n_refusal``, ``refusal`` (circuit-breaker
+    requests answered with :data:`CHAT_REFUSAL`). Validation (``val_cos``): 8 held-out rows of
+    the first source. ``train_info.json`` records every source's file, split and trained prompt
+    keys (``data_sources``), which ``cbscope eval`` reads to flag overlaps.
 
     Args:
-        pair: The SmolLM2 pair (answers are generated with adapters off).
-        advbench: AdvBench ``harmful_behaviors.csv`` (default ``../shared/data/advbench``).
-        alpaca: ``harmless_train.json`` (default ``../shared/data/alpaca_harmless``).
-        xstest: ``xstest_prompts.csv`` (default ``../shared/data/xstest``).
-        n_cb: AdvBench prompts used for training (from the start of the file).
-        n_heldout: AdvBench prompts held out for evaluation (from the end); 8 of them also give
-            ``val_cos``.
+        pair: The model pair (answers are generated with adapters off).
+        sources: Harmful sources: built-in names (``advbench``, ``harmbench``,
+            ``xstest_unsafe``) or ``NAME=PATH`` (see :mod:`cbscope.sources`).
+        n_per_source: At most this many train rows per source (spread over the file).
+        forms: Rephrasing forms of the circuit-breaker requests (``()``: none).
+        benign_forms: Rephrasing forms of the benign requests (``None``: ``forms``).
+        alpaca: ``harmless_train.json`` (default: the data folder's ``alpaca_harmless``).
         n_benign: Alpaca instructions (every ``len // n``-th, deterministic).
-        n_lookalike: XSTest safe prompts.
+        n_lookalike: XSTest safe train rows (0: none).
+        n_refusal: Circuit-breaker requests also kept as refusal retain examples.
+        compliant_only: Keep only circuit-breaker examples whose answer complies.
+        rephrase_seed: Seed of the rephrasing templates.
         max_new_tokens: Length of the generated answers.
+        data: The data folder (default: ``$CBSCOPE_DATA`` or ``../shared/data``).
+        advbench: Another AdvBench ``harmful_behaviors.csv`` (replaces the built-in file).
+        xstest: Another ``xstest_prompts.csv`` (for ``xstest_unsafe`` and the look-alikes).
+        show_progress: tqdm bars while the base model answers.
     """
-    adv = _require(Path(advbench or ADVBENCH), "--advbench")
-    alp = _require(Path(alpaca or ALPACA), "--alpaca")
-    xst = _require(Path(xstest or XSTEST), "--xstest")
-    harmful = load_prompt_csv(adv)
-    if n_cb + n_heldout > len(harmful):
-        raise DatasetError(f"{adv}: {len(harmful)} prompts, fewer than {n_cb} + {n_heldout} asked for")
-    heldout = harmful[len(harmful) - n_heldout :]
+    from dataclasses import replace as _replace
+
+    from cbscope.rephrase import check_forms, rephrase_examples
+    from cbscope.sources import (
+        BENIGN_SOURCES,
+        data_dir,
+        load_source,
+        parse_sources,
+        prompt_key,
+        training_record,
+    )
+
+    specs = parse_sources(list(sources) if not isinstance(sources, str) else sources)
+    forms = check_forms(list(forms))
+    benign_forms = check_forms(list(forms if benign_forms is None else benign_forms))
+    root = Path(data) if data is not None else data_dir()
+    overrides = {"advbench": advbench, "xstest_unsafe": xstest, "xstest_safe": xstest}
+
+    def _spec(spec: Any) -> Any:
+        path = overrides.get(spec.name)
+        return _replace(spec, path=str(path), builtin=False) if path else spec
+
+    loaded = [load_source(_spec(spec), root) for spec in specs]
+    alp = _require(Path(alpaca) if alpaca else (root or SHARED_DATA) / "alpaca_harmless" /
+                   "harmless_train.json", "--alpaca")
+    gen = {"max_new_tokens": max_new_tokens, "show_progress": show_progress}
+    cb: list[ChatExample] = []
+    records: dict[str, Any] = {}
+    for source in loaded:
+        train_rows = source.train()
+        rows = train_rows[:: max(1, len(train_rows) // n_per_source)][:n_per_source]
+        answered = _answered(pair, rows, source.path, gen)
+        variants = rephrase_examples(rows, forms, seed=rephrase_seed)
+        answered += _answered(pair, variants, source.path, gen)
+        kept = _compliant(pair, answered) if compliant_only else answered
+        logger.info("source %s: %d train rows, %d rephrasings, %d compliant answers kept",
+                    source.name, len(rows), len(variants), len(kept))
+        cb += kept
+        records[source.name] = {
+            **training_record(source, rows, portable_path=_portable(source.path)),
+            "n_examples": len(kept), "forms": forms,
+        }
+    if not cb:
+        raise DatasetError("no circuit-breaker examples: the base model complied with none")
     benign_all = load_alpaca(alp)
     benign = benign_all[:: max(1, len(benign_all) // n_benign)][:n_benign]
-    safe = [ex for ex in load_prompt_csv(xst) if ex.meta.get("label") == "safe"][:n_lookalike]
-    if not safe:
-        raise DatasetError(f"{xst}: no rows with label 'safe'")
-    gen = {"max_new_tokens": max_new_tokens, "show_progress": show_progress}
-    cb = generate_responses(pair, harmful[:n_cb], prompt_file=adv, **gen)
-    val = generate_responses(pair, heldout[:8], prompt_file=adv, **gen)
-    benign = generate_responses(pair, benign, prompt_file=alp, **gen)
-    safe = generate_responses(pair, safe, prompt_file=xst, **gen)
+    benign = benign + rephrase_examples(benign, benign_forms, seed=rephrase_seed)
+    benign = _answered(pair, benign, alp, gen)
+    retain: dict[str, list[ChatExample]] = {"benign": benign}
+    if n_lookalike:
+        safe = load_source(_spec(BENIGN_SOURCES["xstest_safe"]), root)
+        rows = safe.train()[:n_lookalike]
+        retain["lookalike"] = _answered(pair, rows, safe.path, gen)
+        records["xstest_safe"] = {
+            **training_record(safe, rows, portable_path=_portable(safe.path)), "benign": True,
+        }
+    if n_refusal:
+        picked = cb[:: max(1, len(cb) // n_refusal)][:n_refusal]
+        retain["refusal"] = [ChatExample(list(ex.messages), CHAT_REFUSAL, {**ex.meta})
+                             for ex in picked]
+    first = loaded[0]
+    val = _answered(pair, first.heldout()[:8], first.path, gen)
     return LorraData(
         cb=cb,
-        retain={"benign": benign, "lookalike": safe},
+        retain=retain,
         val=val,
         info={
-            "advbench": _portable(adv), "alpaca": _portable(alp), "xstest": _portable(xst),
-            "heldout_prompts": [ex.prompt for ex in heldout],
-            "val": "first 8 held-out AdvBench prompts",
+            "data_sources": records,
+            "sources": [s.name for s in loaded],
+            "forms": forms,
+            "benign_forms": benign_forms,
+            "alpaca": _portable(alp),
+            "benign_keys": sorted({prompt_key(ex.meta.get("rephrased_from") or ex.prompt)
+                                   for ex in benign}),
+            "val": f"first 8 held-out rows of {first.name}",
         },
     )
 
@@ -443,7 +536,7 @@ PRESETS: dict[str, Preset] = {
         "the model organism, one harm category held out (about 1 min on 2 CPU cores)",
     ),
     "smollm2": Preset(
-        "smollm2", "smollm2-135m", SMOLLM2_CONFIG, smollm2_data,
+        "smollm2", "smollm2-135m", SMOLLM2_CONFIG, chat_data,
         "SmolLM2-135M on AdvBench + Alpaca + XSTest answered by the base model (<= 25 min)",
     ),
 }
