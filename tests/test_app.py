@@ -476,3 +476,33 @@ def test_generalisation_view_without_a_folder() -> None:
     assert_clean(at)
     assert any("cbscope generalise" in t for t in texts(at.info)), texts(at.info)
     assert not [c for c in at.get("plotly_chart") if c.key == "gen_matrix"]
+
+
+def test_generalisation_view_shows_a_cross_source_matrix(tiny_llama: Path, tiny_data: Path,
+                                                         tmp_path: Path) -> None:
+    from cbscope.crosssource import source_matrix
+    from cbscope.lorra.config import LorraConfig
+
+    config = LorraConfig(steps=2, batch_size=2, max_length=32, token_mask="response", lora_r=2,
+                         lora_alpha=2, val_size=2, checkpoint_every=0, target_layers=[1, 2])
+    out = tmp_path / "sources"
+    result = source_matrix(str(tiny_llama), sources=["advbench", "xstest_unsafe"], config=config,
+                           out_dir=out, limit=2, max_new_tokens=2, show_progress=False,
+                           data_options={"n_per_source": 2, "n_benign": 2, "n_lookalike": 1,
+                                         "compliant_only": False, "max_new_tokens": 2})
+    at = make_app(view="generalisation", matrix=out, threshold=THRESHOLD)
+    at.run()
+    assert_clean(at)
+    spec = chart(at, "gen_source_matrix")
+    (direct,) = named(spec, "direct compliance")
+    z = [list(values(row)) if not isinstance(row, list) else row for row in direct["z"]]
+    assert np.allclose(np.asarray(z, dtype=float), 100 * np.asarray(result.matrices["direct"]))
+    at.selectbox(key="gen_src_run").set_value("without-advbench")
+    at.selectbox(key="gen_src_source").set_value("advbench")
+    at.run()
+    assert_clean(at)
+    (rows,) = [d.value for d in at.dataframe if "request" in d.value.columns]
+    cell = [r for r in result.rows["without-advbench"] if r.get("attack") == "direct"
+            and r["source"] == "advbench" and r["mode"] == "cb"]
+    assert list(rows["request"]) == [r["prompt"] for r in cell]
+    assert any("(unseen)" in t for t in texts(at.markdown))
