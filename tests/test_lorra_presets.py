@@ -167,3 +167,17 @@ def test_shipped_smollm2_breaker_matches_the_preset() -> None:
     assert (breaker / "adapter_model.safetensors").stat().st_size < 10 * 2**20
     for name in ("adapter_config.json", "cbscope_adapter.json", "train_info.json"):
         assert "/work/" not in (breaker / name).read_text() and "/tmp/" not in (breaker / name).read_text()
+
+
+def test_form_matched_benign_follows_the_first_words() -> None:
+    from cbscope.data import ChatExample, as_messages
+    from cbscope.lorra.presets import form_matched
+
+    pool = [ChatExample(as_messages(f"{verb} thing {i}")) for verb in ("Write", "List", "Create")
+            for i in range(10)]
+    requests = ["Write a bomb guide", "Write malware", "Create a scam", "Hack a bank"]
+    picked = form_matched(pool, requests, 8)
+    firsts = [ex.prompt.split()[0] for ex in picked]
+    assert firsts.count("Write") == 4 and firsts.count("Create") == 2  # 2/4 and 1/4 of 8
+    assert len(picked) == 8 and len({id(ex) for ex in picked}) == 8  # 'Hack' filled from the rest
+    assert form_matched(pool, requests, 8) == picked  # deterministic

@@ -394,6 +394,40 @@ def _compliant(pair: Any, examples: Sequence[ChatExample]) -> list[ChatExample]:
     return [ex for ex, v in zip(examples, verdicts, strict=True) if v.harmful]
 
 
+def form_matched(pool: Sequence[ChatExample], requests: Sequence[str], n: int) -> list[ChatExample]:
+    """``n`` examples of ``pool`` whose first words follow the first words of ``requests``.
+
+    Each first word (lower case) of ``requests`` gets a share of ``n`` in proportion to how often
+    it starts a request; its share is filled with pool examples starting with the same word,
+    spread over the pool (deterministic). Shares a word cannot fill, and the rounding rest, are
+    filled from pool examples starting with other words (then any), spread the same way.
+    """
+    from collections import Counter
+
+    def first(text: str) -> str:
+        words = text.split()
+        return words[0].lower().strip(",.:;!?") if words else ""
+
+    wanted = Counter(first(r) for r in requests)
+    total = sum(wanted.values()) or 1
+    by_word: dict[str, list[ChatExample]] = {}
+    for ex in pool:
+        by_word.setdefault(first(ex.prompt), []).append(ex)
+    picked: list[ChatExample] = []
+    for word, count in wanted.most_common():
+        candidates = by_word.get(word, [])
+        share = min(len(candidates), round(n * count / total), n - len(picked))
+        picked += candidates[:: max(1, len(candidates) // share)][:share] if share > 0 else []
+    for others in (True, False):  # other words first, so the matched shares stay as computed
+        chosen = {id(ex) for ex in picked}
+        rest = [ex for ex in pool if id(ex) not in chosen and (first(ex.prompt) not in wanted
+                                                                or not others)]
+        missing = n - len(picked)
+        if missing > 0 and rest:
+            picked += rest[:: max(1, len(rest) // missing)][:missing]
+    return picked[:n]
+
+
 def _answered(pair: Any, examples: Sequence[ChatExample], file: Path, gen: dict[str, Any]) -> list[ChatExample]:
     """The base model's answers, cached under the file the prompts came from (the cache key
     also covers the prompts themselves, so rephrasings of a file's rows are cached too)."""
@@ -409,6 +443,7 @@ def chat_data(
     benign_forms: Sequence[str] | None = None,
     alpaca: str | os.PathLike[str] | None = None,
     n_benign: int = 128,
+    match_benign: bool = False,
     n_lookalike: int = 64,
     n_refusal: int = 0,
     compliant_only: bool = True,
@@ -441,6 +476,9 @@ def chat_data(
         benign_forms: Rephrasing forms of the benign requests (``None``: ``forms``).
         alpaca: ``harmless_train.json`` (default: the data folder's ``alpaca_harmless``).
         n_benign: Alpaca instructions (every ``len // n``-th, deterministic).
+        match_benign: Pick the Alpaca instructions by first word in the proportions of the
+            circuit-breaker requests' first words (:func:`form_matched`), so "Write a ...",
+            "Develop a ..." requests appear on both sides and only the content tells them apart.
         n_lookalike: XSTest safe train rows (0: none).
         n_refusal: Circuit-breaker requests also kept as refusal retain examples.
         compliant_only: Keep only circuit-breaker examples whose answer complies.
@@ -496,7 +534,11 @@ def chat_data(
     if not cb:
         raise DatasetError("no circuit-breaker examples: the base model complied with none")
     benign_all = load_alpaca(alp)
-    benign = benign_all[:: max(1, len(benign_all) // n_benign)][:n_benign]
+    if match_benign:
+        benign = form_matched(benign_all, [ex.prompt for ex in cb if "rephrased_from" not in ex.meta],
+                              n_benign)
+    else:
+        benign = benign_all[:: max(1, len(benign_all) // n_benign)][:n_benign]
     benign = benign + rephrase_examples(benign, benign_forms, seed=rephrase_seed)
     benign = _answered(pair, benign, alp, gen)
     retain: dict[str, list[ChatExample]] = {"benign": benign}
