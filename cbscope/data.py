@@ -42,8 +42,9 @@ DEFAULT_MAX_PROMPT_CHARS = 8000
 #: it is inside the whole rendered text (with ``"Answer:"`` and a response starting with a space,
 #: a stripped response would not be); :func:`encode_chat`'s boundary then falls between the
 #: tokens the model itself sees. "Question/Answer" rather than "User/Assistant": on 31 AdvBench and
-#: Alpaca prompts, Gemma-3-270M (base) gave 15 non-degenerate greedy answers with it, 6 with
-#: "User:/Assistant:" (which it mostly continues with more empty turns).
+#: Alpaca prompts, Gemma-3-270M (base) gave 15 greedy answers that pass the degenerate-output
+#: judge's repetition and entropy checks with it, 6 with "User:/Assistant:" (which it often
+#: continues with more empty turns).
 PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
