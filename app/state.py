@@ -27,7 +27,14 @@ import torch
 from app import compute
 from cbscope.data import DatasetError, PromptError
 from cbscope.layers import LayerError, figure6_layers, parse_layers
-from cbscope.models import ModelSpecError, cache_dir, is_hf_folder, organism_dir
+from cbscope.models import (
+    GGUF_BUILTINS,
+    ModelSpecError,
+    cache_dir,
+    canonical_spec,
+    is_hf_folder,
+    organism_dir,
+)
 from cbscope.pair import ADAPTER_CONFIG, ADAPTER_META, AdapterMismatchError
 
 logger = logging.getLogger("cbscope.app")
@@ -43,8 +50,11 @@ MODEL_ENV = "CBSCOPE_APP_MODEL"
 ADAPTER_ENV = "CBSCOPE_APP_ADAPTER"
 ORGANISM = "organism"
 SMOLLM2 = "smollm2-135m"
+GEMMA3 = "gemma3-270m"
 FOLDER = "folder"
-MODEL_LABELS = {ORGANISM: "model organism", SMOLLM2: "SmolLM2-135M-Instruct", FOLDER: "a model folder…"}
+MODEL_LABELS = {ORGANISM: "model organism", SMOLLM2: "SmolLM2-135M-Instruct",
+                GEMMA3: "Gemma-3-270M (base)", FOLDER: "a model folder…"}
+BUILTINS = (ORGANISM, SMOLLM2, GEMMA3)
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_GEN = 16
@@ -80,9 +90,8 @@ def show_error(err: BaseException, doing: str = "") -> None:
 
 # ---------------------------------------------------------------------- models and adapters
 def normal_spec(spec: str) -> str:
-    """Spec aliases folded together (``smollm2`` -> ``smollm2-135m``)."""
-    text = str(spec).strip()
-    return SMOLLM2 if text.lower() in ("smollm2", SMOLLM2) else text
+    """Spec aliases folded together (``smollm2`` -> ``smollm2-135m``, ``gemma3`` -> ``gemma3-270m``)."""
+    return canonical_spec(spec)
 
 
 def locate_model(spec: str) -> Path | None:
@@ -95,8 +104,8 @@ def locate_model(spec: str) -> Path | None:
             return organism_dir(build_if_missing=False)
         except ModelSpecError:
             return None
-    if spec == SMOLLM2:
-        cached = cache_dir() / "smollm2-135m-instruct"
+    if spec in GGUF_BUILTINS:
+        cached = GGUF_BUILTINS[spec].cached
         return cached if is_hf_folder(cached) else None
     path = Path(spec).expanduser()
     return path if is_hf_folder(path) else None
@@ -391,7 +400,7 @@ def _init_from_url() -> None:
     view = query("view", "where")
     init("view", view if view in VIEWS else "where")
     model = normal_spec(query("model") or os.environ.get(MODEL_ENV, "") or ORGANISM)
-    if model in (ORGANISM, SMOLLM2):
+    if model in BUILTINS:
         init("model_choice", model)
         init("model_folder", "")
     else:
@@ -491,7 +500,7 @@ def _load(sel: Selection) -> str:
         return ("No model organism is built on this machine: run `cbscope demo` (it builds the "
                 "organism and its breaker once), or `cbscope organism build --out "
                 f"{cache_dir() / 'organism'}`.")
-    if sel.model not in (ORGANISM, SMOLLM2) and sel.model_path is None:
+    if sel.model not in BUILTINS and sel.model_path is None:
         path = Path(sel.model).expanduser()
         why = "has no config.json" if path.is_dir() else "does not exist"
         return f"The model folder {path} {why}: type the folder of a Hugging Face model."

@@ -4,6 +4,9 @@ Every example is a conversation rendered through the tokenizer's own chat templa
 (everything up to and including the assistant header) and the response are tokenised so that
 ``response_start`` is the index of the first response token; this is the boundary that the
 trainer's token masks and the cosine traces use.
+
+A base model without a chat template gets :data:`PLAIN_CHAT_TEMPLATE` (the ``gemma3-270m`` spec
+saves it with its converted tokenizer), so every tool renders it the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +27,33 @@ Message = dict[str, str]
 Conversation = list[Message]
 
 DEFAULT_MAX_PROMPT_CHARS = 8000
+
+#: A plain prompt template for base models (Jinja, for ``tokenizer.chat_template``)::
+#:
+#:     <bos>Question: {user turn}
+#:     Answer:
+#:     {assistant turn}
+#:
+#:     Question: {next user turn}
+#:     Answer:
+#:
+#: A system message is written first as plain text followed by a blank line. The generation
+#: prompt ends in a newline, so a response starts a new line and is tokenised on its own exactly as
+#: it is inside the whole rendered text (with ``"Answer:"`` and a response starting with a space,
+#: a stripped response would not be); :func:`encode_chat`'s boundary then falls between the
+#: tokens the model itself sees. "Question/Answer" rather than "User/Assistant": on 31 AdvBench and
+#: Alpaca prompts, Gemma-3-270M (base) gave 15 greedy answers that pass the degenerate-output
+#: judge's repetition and entropy checks with it, 6 with "User:/Assistant:" (which it often
+#: continues with more empty turns).
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}Question: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}Answer:\n{{ message['content'] }}\n\n"
+    "{% else %}{{ message['content'] }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Answer:\n{% endif %}"
+)
 
 
 class DatasetError(ValueError):

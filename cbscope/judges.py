@@ -366,12 +366,13 @@ class DegenerateJudge(BaseJudge):
                 chunk = order[begin : begin + self.batch_size]
                 ids, mask = pad_right([encoded[i][0] for i in chunk], pad_id_of(self.tokenizer))
                 ids, mask = ids.to(device), mask.to(device)
-                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-                logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-                token_lp = logprobs.gather(-1, ids[:, 1:, None])[..., 0]
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
                 for row, index in enumerate(chunk):
+                    # the response span only: a log-softmax over the whole batch x pos x vocab
+                    # block is several GB for a 262k-token vocabulary (Gemma-3)
                     full_ids, start = encoded[index]
-                    span = token_lp[row, start - 1 : len(full_ids) - 1]
+                    logprobs = torch.log_softmax(logits[row, start - 1 : len(full_ids) - 1].float(), -1)
+                    span = logprobs.gather(-1, ids[row, start : len(full_ids), None])[..., 0]
                     result[index] = float(torch.exp(-span.mean()))
         return result
 

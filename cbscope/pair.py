@@ -40,7 +40,13 @@ from torch import Tensor
 
 from cbscope import native_paths
 from cbscope.layers import resid_hook_name, validate_layers
-from cbscope.models import ORGANISM_SPEC, SMOLLM2_SPEC, ResolvedModel, parse_dtype, resolve_model
+from cbscope.models import (
+    BUILTIN_SPECS,
+    ResolvedModel,
+    canonical_spec,
+    parse_dtype,
+    resolve_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -259,8 +265,8 @@ class ModelPair:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         peft_config = self.peft_model.peft_config["default"]
         # A built-in spec resolves anywhere; a machine-local path would leak into shared adapters.
-        builtin = self.resolved.spec in (ORGANISM_SPEC, SMOLLM2_SPEC)
-        base = self.resolved.spec if builtin else str(self.resolved.path)
+        spec = canonical_spec(self.resolved.spec)
+        base = spec if spec in BUILTIN_SPECS else str(self.resolved.path)
         peft_config.base_model_name_or_path = base
         peft_config.save_pretrained(str(tmp))
         meta = {
@@ -368,7 +374,8 @@ def load_pair(
     """Load a model spec, optionally with a LoRA adapter, and bridge it for hook points.
 
     Args:
-        spec: Model spec (``"organism"``, ``"smollm2-135m"``, a folder or a hub name).
+        spec: Model spec (``"organism"``, ``"smollm2-135m"``, ``"gemma3-270m"``, a folder or a
+            hub name).
         adapter: A peft adapter folder to load (the circuit breaker), or ``None``.
         lora_config: A :class:`peft.LoraConfig` for a fresh, trainable adapter (instead of
             ``adapter``); used by the trainer.

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Llama with a word-level chat tokenizer, saved to disk."""
+"""Shared fixtures: tiny random Llama and Gemma-3 models with word-level chat tokenizers, on disk."""
 
 from __future__ import annotations
 
@@ -17,26 +17,34 @@ WORDS = (
 ).split()
 
 
-def make_tiny_llama(folder: Path, *, layers: int = 3, hidden: int = 32, seed: int = 0) -> Path:
-    """Save a random Llama and a word-level chat tokenizer into ``folder``."""
+def word_tokenizer(words: tuple[str, ...] | list[str] = WORDS, chat_template: str | None = None):
+    """A word-level fast tokenizer over ``words`` with pad/bos/eos/unk and chat specials."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>"]
-    vocab = {word: index for index, word in enumerate(specials + sorted(set(WORDS)))}
+    vocab = {word: index for index, word in enumerate(specials + sorted(set(words)))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
         unk_token="<unk>",
     )
-    tokenizer.chat_template = (
+    tokenizer.chat_template = chat_template or (
         "{% for m in messages %}{% if m['role'] == 'user' %}<user> {{ m['content'] }} "
         "{% else %}<assistant> {{ m['content'] }} <eos> {% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<assistant> {% endif %}"
     )
+    return tokenizer
+
+
+def make_tiny_llama(folder: Path, *, layers: int = 3, hidden: int = 32, seed: int = 0) -> Path:
+    """Save a random Llama and a word-level chat tokenizer into ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = word_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
@@ -47,10 +55,60 @@ def make_tiny_llama(folder: Path, *, layers: int = 3, hidden: int = 32, seed: in
     return folder
 
 
+def make_tiny_gemma(folder: Path, *, version: int = 3, seed: int = 0) -> Path:
+    """Save a random 4-block Gemma-3 (text) or Gemma-2 with cbscope's plain prompt template.
+
+    Every Gemma feature the bridge and the native paths must get right is switched on at a small
+    size: sliding-window layers (window 4, shorter than the test sequences) beside a full-attention
+    one, grouped-query attention, pre/post feed-forward norms, the ``sqrt(d_model)`` embedding
+    scale, random norm weights (Gemma's ``1 + weight`` RMSNorm then matters), and q/k norms
+    (Gemma-3) or attention-logit soft-capping (Gemma-2, whose HF class does not support SDPA).
+    """
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from cbscope.data import PLAIN_CHAT_TEMPLATE
+
+    tokenizer = word_tokenizer((*WORDS, "Question:", "Answer:"), PLAIN_CHAT_TEMPLATE)
+    shape = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+        max_position_embeddings=128, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        final_logit_softcapping=None, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    if version == 3:
+        config, model_class = Gemma3TextConfig(**shape), Gemma3ForCausalLM
+    elif version == 2:
+        config, model_class = Gemma2Config(**shape, attn_logit_softcapping=0.5), Gemma2ForCausalLM
+    else:
+        raise ValueError(f"no tiny Gemma-{version}: use 2 or 3")
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-block random Llama folder."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-block random Gemma-3 folder (sliding window 4), plain prompt template."""
+    return make_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-block random Gemma-2 folder (soft-capped attention: no SDPA), plain prompt template."""
+    return make_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma2"), version=2)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ from cbscope.layers import LayerError, parse_layers
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CHART_EVERY_S = 0.5
+#: Built-in GGUF models (converted on first load) and the preset that trains a breaker on each.
+GGUF_PRESETS = {state.SMOLLM2: "smollm2", state.GEMMA3: "gemma3"}
 
 
 def _plan(sel: state.Selection) -> tuple[str, Any, str]:
@@ -26,10 +28,11 @@ def _plan(sel: state.Selection) -> tuple[str, Any, str]:
         return "organism", preset.config, (
             "the organism preset: its harmful topics (one category held out) with compliant "
             "answers are rerouted; benign chat, refusals and look-alikes are retained")
-    if state.normal_spec(sel.model) == state.SMOLLM2:
-        preset = get_preset("smollm2")
-        return "smollm2", preset.config, (
-            "the smollm2 preset: AdvBench prompts (answered by the base model) are rerouted, "
+    spec = state.normal_spec(sel.model)
+    if spec in GGUF_PRESETS:
+        name = GGUF_PRESETS[spec]
+        return name, get_preset(name).config, (
+            f"the {name} preset: AdvBench prompts (answered by the base model) are rerouted, "
             "Alpaca and XSTest-safe answers retained; on a CPU this takes tens of minutes "
             "(the answers are generated first and cached)")
     return "upload", LorraConfig(steps=60, batch_size=4, max_length=256), (
@@ -67,8 +70,8 @@ def _data(kind: str, pair: Any, sel: state.Selection, cb: Any, retain: Any) -> A
 
         world = World.from_json(compute.world_path(sel.model_path))
         return get_preset("organism").build_data(world)
-    if kind == "smollm2":
-        return get_preset("smollm2").build_data(pair, show_progress=False)
+    if kind in GGUF_PRESETS.values():
+        return get_preset(kind).build_data(pair, show_progress=False)
     retain_sets: dict[str, list[Any]] = {}
     for ex in retain:
         retain_sets.setdefault(str(ex.meta.get("source", "benign")), []).append(ex)
@@ -101,7 +104,7 @@ def render(sel: state.Selection) -> None:
     if not sel.model:
         st.error("No model chosen: pick one in the sidebar.")
         return
-    if sel.model_path is None and state.normal_spec(sel.model) != state.SMOLLM2:
+    if sel.model_path is None and state.normal_spec(sel.model) not in GGUF_PRESETS:
         st.error(sel.error or "The model is not available: choose another one in the sidebar.")
         return
     kind, base, description = _plan(sel)

@@ -25,7 +25,7 @@ def _floats(text: str) -> list[float]:
 
 def eval_command(
     model: str = typer.Option(
-        "organism", "--model", help="Model spec: organism, smollm2-135m, a folder."
+        "organism", "--model", help="Model spec: organism, smollm2-135m, gemma3-270m, a folder."
     ),
     adapter: Path | None = typer.Option(
         None, "--adapter", help="Circuit-breaker adapter folder (without it: base model only)."

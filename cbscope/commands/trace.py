@@ -16,7 +16,7 @@ class TraceUsageError(ValueError):
 
 
 def trace(
-    model: str = typer.Option("organism", help="Model spec: 'organism', 'smollm2-135m', a folder."),
+    model: str = typer.Option("organism", help="Model spec: 'organism', 'smollm2-135m', 'gemma3-270m', a folder."),
     adapter: Path = typer.Option(..., help="Circuit-breaker adapter folder (peft)."),
     prompt: str = typer.Option(..., help="The user request."),
     prefill: str | None = typer.Option(

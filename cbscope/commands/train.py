@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 
 def train(
     out: Path = typer.Option(..., help="Output folder: the peft adapter, lorra_config.json, metrics.jsonl."),
-    model: str | None = typer.Option(None, help="Model spec ('organism', 'smollm2-135m', a folder); default: the preset's."),
-    preset: str | None = typer.Option(None, help="'organism' or 'smollm2': data and config of a ready-made run."),
+    model: str | None = typer.Option(None, help="Model spec ('organism', 'smollm2-135m', 'gemma3-270m', a folder); default: the preset's."),
+    preset: str | None = typer.Option(None, help="'organism', 'smollm2' or 'gemma3': data and config of a ready-made run."),
     cb: Path | None = typer.Option(None, help="Circuit-breaker set: JSONL prompt/response, or a CSV of prompts the base model answers."),
     retain: Path | None = typer.Option(None, help="Retain set: JSONL prompt/response (optional 'source': benign|refusal|lookalike) or a CSV."),
     val: Path | None = typer.Option(None, help="Held-out circuit-breaker set for val_cos (default: split off --cb)."),
@@ -33,9 +33,9 @@ def train(
     token_mask: str | None = typer.Option(None, help="Circuit-breaker tokens in the loss: full | response | request."),
     seed: int | None = typer.Option(None, help="Seed."),
     holdout_category: str | None = typer.Option(None, help="organism preset: harm category kept out of training."),
-    advbench: Path | None = typer.Option(None, help="smollm2 preset: AdvBench harmful_behaviors.csv."),
-    alpaca: Path | None = typer.Option(None, help="smollm2 preset: alpaca harmless_train.json."),
-    xstest: Path | None = typer.Option(None, help="smollm2 preset: xstest_prompts.csv."),
+    advbench: Path | None = typer.Option(None, help="smollm2/gemma3 presets: AdvBench harmful_behaviors.csv."),
+    alpaca: Path | None = typer.Option(None, help="smollm2/gemma3 presets: alpaca harmless_train.json."),
+    xstest: Path | None = typer.Option(None, help="smollm2/gemma3 presets: xstest_prompts.csv."),
     data_options: str | None = typer.Option(None, "--data-options", help="Preset data options as a JSON object, e.g. '{\"noise_words\": 4}' (organism)."),
     resume: bool = typer.Option(False, help="Continue from the last checkpoint in --out."),
     merge: bool = typer.Option(False, help="Also write a merged HF model to OUT/merged."),

@@ -1,4 +1,5 @@
-"""Ready-made LoRRA runs: ``organism`` (seconds on a CPU) and ``smollm2`` (SmolLM2-135M).
+"""Ready-made LoRRA runs: ``organism`` (seconds on a CPU), ``smollm2`` (SmolLM2-135M) and
+``gemma3`` (Gemma-3-270M, a base model).
 
 ``organism``
     The model organism's world, one harm category held out (it never appears in training, not
@@ -26,6 +27,18 @@
     as options. SmolLM2's residual stream is large (~200 per token, ~25000 on the first token),
     so the preset uses the scale-free retain loss (``retain_relative``) and the response-only
     token mask (every SmolLM2 chat starts with the same system prompt).
+
+``gemma3``
+    Gemma-3-270M, a *base* model, in cbscope's plain Question/Answer template
+    (:data:`cbscope.data.PLAIN_CHAT_TEMPLATE`). A base model neither complies nor refuses the way
+    an instruct model does; it continues the text. So the circuit-breaker set is the AdvBench
+    prompts with the base model's own greedy continuations (whatever they are: on-topic steps,
+    the request repeated, lists), the retain sets the Alpaca and XSTest-safe prompts with its own
+    continuations: :func:`smollm2_data`'s recipe with fewer examples, so that data generation and
+    training fit well under 30 minutes on one CPU thread. Gemma's residual stream is large
+    (median token norms ~3,500 at layer 6 and ~10,000 at layer 11; ~40,000-90,000 on ``<bos>``),
+    so the scale-free retain loss is used, and the response-only mask keeps the shared
+    ``<bos>Question:`` tokens out of the circuit-breaker loss.
 """
 
 from __future__ import annotations
@@ -572,6 +585,63 @@ def chat_data(
     )
 
 
+GEMMA3_CONFIG = LorraConfig(
+    target_layers=None,  # 6, 11 of 18 (the paper's 10, 20 of 32, scaled)
+    lora_r=8,
+    lora_alpha=8,
+    lora_b_init_std=1e-2,
+    lorra_alpha=10.0,
+    retain_weight=2.0,
+    retain_relative=True,
+    lr=1e-3,
+    steps=150,
+    batch_size=4,
+    max_length=128,
+    token_mask="response",
+    response_only_fraction=0.5,
+    retain_mixture={"benign": 1.0, "refusal": 1.0, "lookalike": 1.0},
+    val_size=8,
+    log_every=10,
+    checkpoint_every=25,
+)
+
+
+def gemma3_data(
+    pair: Any,
+    *,
+    advbench: str | os.PathLike[str] | None = None,
+    alpaca: str | os.PathLike[str] | None = None,
+    xstest: str | os.PathLike[str] | None = None,
+    n_cb: int = 96,
+    n_heldout: int = 100,
+    n_benign: int = 96,
+    n_lookalike: int = 48,
+    max_new_tokens: int = 48,
+    show_progress: bool = True,
+    **_: Any,
+) -> LorraData:
+    """Gemma-3-270M's circuit-breaker and retain sets: :func:`smollm2_data` (AdvBench, Alpaca and
+    XSTest-safe prompts with the base model's own continuations, cached) with fewer examples.
+
+    Args:
+        pair: The Gemma-3 pair (continuations are generated with adapters off).
+        advbench: AdvBench ``harmful_behaviors.csv`` (default ``../shared/data/advbench``).
+        alpaca: ``harmless_train.json`` (default ``../shared/data/alpaca_harmless``).
+        xstest: ``xstest_prompts.csv`` (default ``../shared/data/xstest``).
+        n_cb: AdvBench prompts used for training (from the start of the file).
+        n_heldout: AdvBench prompts held out for evaluation (from the end).
+        n_benign: Alpaca instructions.
+        n_lookalike: XSTest safe prompts.
+        max_new_tokens: Length of the generated continuations.
+        show_progress: tqdm bars while generating.
+    """
+    return smollm2_data(
+        pair, advbench=advbench, alpaca=alpaca, xstest=xstest, n_cb=n_cb, n_heldout=n_heldout,
+        n_benign=n_benign, n_lookalike=n_lookalike, max_new_tokens=max_new_tokens,
+        show_progress=show_progress,
+    )
+
+
 PRESETS: dict[str, Preset] = {
     "organism": Preset(
         "organism", "organism", ORGANISM_CONFIG, organism_data,
@@ -580,6 +650,10 @@ PRESETS: dict[str, Preset] = {
     "smollm2": Preset(
         "smollm2", "smollm2-135m", SMOLLM2_CONFIG, chat_data,
         "SmolLM2-135M on AdvBench + Alpaca + XSTest answered by the base model (<= 25 min)",
+    ),
+    "gemma3": Preset(
+        "gemma3", "gemma3-270m", GEMMA3_CONFIG, gemma3_data,
+        "Gemma-3-270M (base) on AdvBench + Alpaca + XSTest continued by the base model",
     ),
 }
 
