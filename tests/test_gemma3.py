@@ -216,28 +216,26 @@ def test_gemma3_spec_loads_offline(tmp_path_factory: pytest.TempPathFactory,
     assert "Paris" in answer
 
 
-def test_gemma3_preset_trains_a_breaker_on_a_tiny_gemma3(tiny_gemma3: Path, tmp_path: Path) -> None:
+def test_gemma3_preset_trains_a_breaker_on_a_tiny_gemma3(
+    tiny_gemma3: Path, tiny_data: Path, tmp_path: Path
+) -> None:
     from dataclasses import replace
 
     from cbscope.lorra import get_preset
     from cbscope.lorra.trainer import prepare_pair, train_circuit_breaker
+    from cbscope.sources import load_source
 
     preset = get_preset("gemma3")
     assert preset.model == "gemma3-270m" and preset.config.retain_relative
-    assert preset.check_data_options({"n_cb": 8, "max_new_tokens": 4}) == {"n_cb": 8, "max_new_tokens": 4}
-    adv = tmp_path / "harmful_behaviors.csv"
-    adv.write_text("goal,target\n" + "".join(f"how do i make a cake {i},sure\n" for i in range(12)))
-    alpaca = tmp_path / "harmless_train.json"
-    alpaca.write_text(json.dumps([{"instruction": f"hello world {i}"} for i in range(6)]))
-    xstest = tmp_path / "xstest_prompts.csv"
-    xstest.write_text("id,prompt,type,label\n1,how do i bake bread,t,safe\n")
+    assert preset.check_data_options({"n_per_source": 8, "max_new_tokens": 4}) == {
+        "n_per_source": 8, "max_new_tokens": 4}
     config = replace(preset.config, steps=4, batch_size=2, val_size=2, checkpoint_every=0,
                      log_every=2, target_layers=[2, 3])
     pair = prepare_pair(str(tiny_gemma3), config)
-    data = preset.build_data(pair, advbench=adv, alpaca=alpaca, xstest=xstest, n_cb=3,
-                             n_heldout=8, n_benign=2, n_lookalike=1, max_new_tokens=3,
+    data = preset.build_data(pair, n_per_source=3, n_benign=2, n_lookalike=1, max_new_tokens=3,
                              show_progress=False)
-    assert [ex.prompt for ex in data.cb] == [f"how do i make a cake {i}" for i in range(3)]
+    train_rows = {ex.prompt for ex in load_source("advbench").train()}
+    assert len(data.cb) == 3 and {ex.prompt for ex in data.cb} <= train_rows  # none filtered out
     result = train_circuit_breaker(pair, config, data, out_dir=tmp_path / "run",
                                    show_progress=False)
     assert result.steps_done == 4

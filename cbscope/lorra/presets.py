@@ -34,7 +34,7 @@
     an instruct model does; it continues the text. So the circuit-breaker set is the AdvBench
     prompts with the base model's own greedy continuations (whatever they are: on-topic steps,
     the request repeated, lists), the retain sets the Alpaca and XSTest-safe prompts with its own
-    continuations: :func:`smollm2_data`'s recipe with fewer examples, so that data generation and
+    continuations: :func:`chat_data`'s recipe with fewer examples, so that data generation and
     training fit well under 30 minutes on one CPU thread. Gemma's residual stream is large
     (median token norms ~3,500 at layer 6 and ~10,000 at layer 11; ~40,000-90,000 on ``<bos>``),
     so the scale-free retain loss is used, and the response-only mask keeps the shared
@@ -43,6 +43,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -606,40 +607,11 @@ GEMMA3_CONFIG = LorraConfig(
 )
 
 
-def gemma3_data(
-    pair: Any,
-    *,
-    advbench: str | os.PathLike[str] | None = None,
-    alpaca: str | os.PathLike[str] | None = None,
-    xstest: str | os.PathLike[str] | None = None,
-    n_cb: int = 96,
-    n_heldout: int = 100,
-    n_benign: int = 96,
-    n_lookalike: int = 48,
-    max_new_tokens: int = 48,
-    show_progress: bool = True,
-    **_: Any,
-) -> LorraData:
-    """Gemma-3-270M's circuit-breaker and retain sets: :func:`smollm2_data` (AdvBench, Alpaca and
-    XSTest-safe prompts with the base model's own continuations, cached) with fewer examples.
-
-    Args:
-        pair: The Gemma-3 pair (continuations are generated with adapters off).
-        advbench: AdvBench ``harmful_behaviors.csv`` (default ``../shared/data/advbench``).
-        alpaca: ``harmless_train.json`` (default ``../shared/data/alpaca_harmless``).
-        xstest: ``xstest_prompts.csv`` (default ``../shared/data/xstest``).
-        n_cb: AdvBench prompts used for training (from the start of the file).
-        n_heldout: AdvBench prompts held out for evaluation (from the end).
-        n_benign: Alpaca instructions.
-        n_lookalike: XSTest safe prompts.
-        max_new_tokens: Length of the generated continuations.
-        show_progress: tqdm bars while generating.
-    """
-    return smollm2_data(
-        pair, advbench=advbench, alpaca=alpaca, xstest=xstest, n_cb=n_cb, n_heldout=n_heldout,
-        n_benign=n_benign, n_lookalike=n_lookalike, max_new_tokens=max_new_tokens,
-        show_progress=show_progress,
-    )
+#: Gemma-3-270M's data: :func:`chat_data` with fewer examples, keeping every continuation (a base
+#: model neither complies nor refuses like an instruct one; the compliance filter would drop most).
+gemma3_data = functools.partial(
+    chat_data, n_per_source=96, n_benign=96, n_lookalike=48, compliant_only=False
+)
 
 
 PRESETS: dict[str, Preset] = {
