@@ -121,7 +121,9 @@ def _segment_markers(fig: go.Figure, single: CosineTrace) -> None:
 
 
 def _hover_tokens(tokens: Sequence[str]) -> list[str]:
-    return [display_token(t) for t in tokens]
+    """``"token (pos N)"`` per token. The position is written into the text: plotly's ``%{x}``
+    on an axis with token tick labels shows the tick label, not the number."""
+    return [f"{display_token(t)} (pos {p})" for p, t in enumerate(tokens)]
 
 
 def figure6_lines(
@@ -160,7 +162,7 @@ def figure6_lines(
                 line={"color": LAYER_COLORS[k % len(LAYER_COLORS)], "width": 2},
                 marker={"size": 4},
                 customdata=hover,
-                hovertemplate=f"layer {layer}<br>%{{customdata}} (pos %{{x}})<br>cos %{{y:.3f}}"
+                hovertemplate=f"layer {layer}<br>%{{customdata}}<br>cos %{{y:.3f}}"
                 "<extra></extra>",
             )
         )
@@ -218,7 +220,7 @@ def cosine_heatmap(trace: CosineTrace, example: int = 0) -> go.Figure:
             colorscale=COSINE_SCALE,
             colorbar={"title": {"text": "cos"}},
             name="cosine",
-            hovertemplate="token %{customdata[0]} (pos %{x})<br>%{y}<br>cos %{z:.3f}"
+            hovertemplate="%{customdata[0]}<br>%{y}<br>cos %{z:.3f}"
             "<br>norm original %{customdata[1]:.2f}<br>norm circuit-broken %{customdata[2]:.2f}"
             "<extra></extra>",
         )
@@ -255,7 +257,7 @@ def norm_lines(
                     name=f"layer {layer} {which}",
                     line={"color": color, "dash": dash},
                     customdata=hover,
-                    hovertemplate=f"layer {layer} {which}<br>%{{customdata}} (pos %{{x}})"
+                    hovertemplate=f"layer {layer} {which}<br>%{{customdata}}"
                     "<br>norm %{y:.2f}<extra></extra>",
                 )
             )
@@ -281,13 +283,14 @@ def token_strip(trace: CosineTrace, example: int = 0) -> go.Figure:
             y=["tokens"],
             text=[labels],
             texttemplate="%{text}",
-            customdata=[layer_of_min],
+            customdata=[[[label, int(layer)] for label, layer in
+                         zip(_hover_tokens(tokens), layer_of_min, strict=True)]],
             zmin=-1,
             zmax=1,
             colorscale=COSINE_SCALE,
             colorbar={"title": {"text": "lowest cos"}},
             name="lowest cosine",
-            hovertemplate="%{text} (pos %{x})<br>lowest cos %{z:.3f} at layer %{customdata}"
+            hovertemplate="%{customdata[0]}<br>lowest cos %{z:.3f} at layer %{customdata[1]}"
             "<extra></extra>",
             xgap=1,
         )
@@ -367,7 +370,7 @@ def probe_scores_figure(
             name="probe score",
             line={"color": "#9467bd"},
             customdata=_hover_tokens(tokens),
-            hovertemplate="%{customdata} (pos %{x})<br>score %{y:.3f}<extra></extra>",
+            hovertemplate="%{customdata}<br>score %{y:.3f}<extra></extra>",
         )
     )
     if threshold is not None:
@@ -436,18 +439,13 @@ def save_html(
 SHARE_SCALE = "RdBu_r"
 
 
-def _pos_labels(tokens: Sequence[str]) -> list[str]:
-    """``"token (pos N)"`` for every token: the hover text of every per-token figure."""
-    return [f"{display_token(t)} (pos {p})" for p, t in enumerate(tokens)]
-
-
 def share_heatmap(decomposition: Any) -> go.Figure:
     """Component x token heatmap of the decomposition's shares (one heatmap ``"share"``).
 
     Rows are ``embed``, ``attn.{b}``, ``mlp.{b}`` (bottom to top); each column sums to 1.
     """
     dec = decomposition
-    labels = _pos_labels(dec.tokens)
+    labels = _hover_tokens(dec.tokens)
     z = dec.share.numpy()
     custom = np.empty(z.shape, dtype=object)
     custom[:, :] = np.array(labels, dtype=object)[None, :]
@@ -543,11 +541,11 @@ def attribution_strip(attribution: Any) -> go.Figure:
     labels = [display_token(t) for t in attr.tokens]
     text = [labels, labels]
     custom = np.empty(z.shape, dtype=object)
-    custom[:, :] = np.array(_pos_labels(attr.tokens), dtype=object)[None, :]
+    custom[:, :] = np.array(_hover_tokens(attr.tokens), dtype=object)[None, :]
     fig = go.Figure(go.Heatmap(
         z=z, x=np.arange(len(attr.tokens)), y=[name for name, _ in rows], text=text,
         texttemplate="%{text}", customdata=custom, zmid=0, zmin=-limit, zmax=limit,
-        colorscale=SHARE_SCALE, name="attribution", xgap=1,
+        colorscale=SHARE_SCALE, name="attribution", xgap=1, textfont={"size": 12},
         colorbar={"title": {"text": "drive"}},
         hovertemplate="%{customdata}<br>%{y}: %{z:.3f}<extra></extra>",
     ))
@@ -564,7 +562,7 @@ def logit_lens_heatmap(lens: Any, model: str = "circuit-broken") -> go.Figure:
     models' top-k (heatmap ``"logit lens"``)."""
     if model not in ("original", "circuit-broken"):
         raise ValueError(f"model must be 'original' or 'circuit-broken', not {model!r}")
-    labels = _pos_labels(lens.tokens)
+    labels = _hover_tokens(lens.tokens)
     n_layers, n_pos = len(lens.layers), len(lens.tokens)
     custom = np.empty((n_layers, n_pos, 3), dtype=object)
     for i, layer in enumerate(lens.layers):
