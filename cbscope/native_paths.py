@@ -30,14 +30,17 @@ multiplication in the forward and another in the backward (about 5% of a SmolLM2
 step). The lean forward computes ``base(x) + B(A(dropout(x))) [* scaling]`` directly for the
 common case (one active vanilla adapter, not merged, no extra arguments, matching dtypes) and
 hands everything else to peft; the numbers are bit-identical (multiplying by 1 is exact).
+:func:`lora_row_scale` makes the lean forward scale the update per batch row, so that one
+batched forward can hold rows of the original model (scale 0) beside the adapted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
@@ -45,6 +48,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 NATIVE_IMPLEMENTATION = "sdpa"
+ROW_SCALE = "_cbscope_row_scale"
 
 
 def _hook_points(component: nn.Module) -> list[nn.Module]:
@@ -175,8 +179,44 @@ def _lean_lora_forward(layer: nn.Module, x: Any, *args: Any, **kwargs: Any) -> A
     scaling = layer.scaling[name]
     if scaling != 1:
         update = update * scaling
+    rows = layer.__dict__.get(ROW_SCALE)
+    if rows is not None:
+        update = update * rows.view(-1, *([1] * (update.dim() - 1))).to(update)
     out = result + update
     return out if out.dtype == result.dtype else out.to(result.dtype)
+
+
+def row_scale_supported(layers: list[nn.Module], dtype: Any) -> bool:
+    """Whether every layer runs the lean forward's own arithmetic for ``dtype`` inputs (one
+    active vanilla adapter, not merged, LoRA weights of that dtype), so that
+    :func:`lora_row_scale` acts on all of them."""
+    for layer in layers:
+        if "forward" not in vars(layer) or layer.merged:
+            return False
+        active = layer.active_adapters
+        if len(active) != 1 or active[0] not in layer.lora_A or active[0] in layer.lora_variant:
+            return False
+        if layer.lora_A[active[0]].weight.dtype != dtype:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def lora_row_scale(layers: list[nn.Module], scale: Any) -> Iterator[None]:
+    """Multiply the LoRA update of each batch row by ``scale[row]`` in the lean forward.
+
+    With a scale of 0 a row computes the base model exactly (``base(x) + 0``) and with 1 the
+    adapted one, so one batched forward runs the original and the circuit-broken model side by
+    side (:mod:`cbscope.why.decomposition`). Check :func:`row_scale_supported` first: layers on
+    peft's own forward ignore the scale.
+    """
+    for layer in layers:
+        layer.__dict__[ROW_SCALE] = scale
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop(ROW_SCALE, None)
 
 
 def install_lora(*models: nn.Module) -> int:

@@ -159,3 +159,22 @@ def test_hooks_on_a_components_own_input_and_output_keep_the_native_path(pair: M
     torch.testing.assert_close(native_resid[:, real], eager_resid[:, real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(native_edit[:, real], eager_edit[:, real], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(native_edit[0][real], native_resid[2][real])  # the edit acted
+
+
+def test_row_scale_runs_base_and_adapted_rows_in_one_batch(pair: ModelPair) -> None:
+    from cbscope import native_paths
+
+    ids, mask = batch(pair)
+    layers = pair._modules().lora_layers
+    assert native_paths.row_scale_supported(layers, pair.dtype)
+    with pair.original():
+        base = pair.resid(ids, mask, [3])[0]
+    adapted = pair.resid(ids, mask, [3])[0]
+    scale = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    with native_paths.lora_row_scale(layers, scale):
+        mixed = pair.resid(ids, mask, [3])[0]
+    real = mask.bool()
+    for row in range(4):
+        want = base if scale[row] == 0 else adapted
+        torch.testing.assert_close(mixed[row][real[row]], want[row][real[row]], atol=1e-5, rtol=1e-5)
+    assert not native_paths.row_scale_supported(layers, torch.bfloat16)
