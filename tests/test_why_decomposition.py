@@ -127,3 +127,27 @@ def test_bad_input_is_a_named_error(organism, tiny_llama: Path) -> None:
         decompose(load_pair(tiny_llama), seq)
     with pytest.raises(ExplainError, match="empty"):
         encode(organism, "  ")
+
+
+def test_one_batched_forward_equals_three_separate_ones(organism, monkeypatch) -> None:
+    """The per-row LoRA scale (0, 1, 0) gives what the original, circuit-broken and patched
+    forwards give one at a time."""
+    from cbscope import native_paths
+    from cbscope.why.decomposition import capture_models
+
+    seq = encode(organism, *HARMFUL)
+    assert native_paths.row_scale_supported(organism._modules().lora_layers, organism.dtype)
+    batched = capture_models(organism, seq, organism.n_layers)
+    monkeypatch.setattr(native_paths, "row_scale_supported", lambda *_: False)
+    separate = capture_models(organism, seq, organism.n_layers)
+    for one, other in zip(batched, separate, strict=True):
+        for a, b in zip([one.embed, *one.attn, *one.mlp, *one.resid],
+                        [other.embed, *other.attn, *other.mlp, *other.resid], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    orig, cb, _ = batched
+    with organism.original():
+        plain = capture(organism, seq.tensor(), organism.n_layers)
+    torch.testing.assert_close(orig.resid[-1], plain.resid[-1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cb.resid[-1], plain.resid[-1], atol=1e-2)
+    assert not any(native_paths.ROW_SCALE in vars(layer)
+                   for layer in organism._modules().lora_layers)  # the scale came off

@@ -15,9 +15,10 @@ blocks' ``hook_attn_out`` / ``hook_mlp_out``). So the rerouting delta
 Per block, the *total* effect is ``attn.{b} + mlp.{b}``; its *direct* part is what the block's
 own LoRA does with the block's input held at the circuit-broken value,
 ``f_b^{LoRA on}(h^cb_b) - f_b^{LoRA off}(h^cb_b)``; the rest (total minus direct) comes from
-the inputs that earlier blocks changed. The direct part costs one more forward, batched with the
-original model's (two rows, adapters off; the second row's block inputs are replaced by the
-circuit-broken ones at every ``blocks.{b}.hook_resid_pre``).
+the inputs that earlier blocks changed: the block outputs of an adapters-off forward whose every
+block input is replaced by the circuit-broken one at ``blocks.{b}.hook_resid_pre``.
+:func:`capture_models` runs the original, the circuit-broken and that patched forward as three
+rows of one batched forward (per-row LoRA scale 0, 1, 0).
 
 Everything is computed in float64 from the models' float32 activations.
 """
@@ -34,6 +35,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from cbscope import native_paths
 from cbscope.why.tokens import (
     Captured,
     ExplainError,
@@ -246,38 +248,65 @@ def _stack(captured: Captured, layer: int, row: int) -> Float[Tensor, "component
     return torch.stack(parts).double()
 
 
-def direct_outputs(
-    pair: Any, seq: TokenSeq, cb: Captured, layer: int
-) -> tuple[Captured, Captured]:
-    """The original model's summands and each block's output with its LoRA off on the
-    circuit-broken input, for blocks ``0 .. layer - 1``, from one batched forward (rows:
-    original, patched).
-
-    Returns:
-        ``(original, off)``: row 0 and row 1 of the batch.
-    """
+def direct_outputs(pair: Any, seq: TokenSeq, cb: Captured, layer: int) -> Captured:
+    """Each block's output with the adapters off and the block's input replaced by the
+    circuit-broken one (``blocks.{b}.hook_resid_pre``), for blocks ``0 .. layer - 1``: one
+    forward, stopped after block ``layer - 1``."""
     inputs = [cb.embed[0]] + [cb.resid[b][0] for b in range(layer - 1)]
 
     def patch(block: int):
         def hook(activation: Tensor, hook: Any) -> Tensor:
-            activation = activation.clone()
-            activation[1] = inputs[block].to(activation.dtype)
-            return activation
+            return inputs[block][None].to(activation.dtype)
 
         return hook
 
     hooks = [(f"blocks.{b}.hook_resid_pre", patch(b)) for b in range(layer)]
-    ids = seq.tensor(pair.device).repeat(2, 1)
     with pair.original():
-        both = capture(pair, ids, layer, attention_mask=torch.ones_like(ids), extra_hooks=hooks)
+        return capture(pair, seq.tensor(pair.device), layer, extra_hooks=hooks)
 
-    def row(index: int) -> Captured:
-        return Captured(both.embed[index : index + 1],
-                        [t[index : index + 1] for t in both.attn],
-                        [t[index : index + 1] for t in both.mlp],
-                        [t[index : index + 1] for t in both.resid])
 
-    return row(0), row(1)
+def _row(captured: Captured, index: int) -> Captured:
+    def pick(t: Tensor) -> Tensor:
+        return t[index : index + 1]
+
+    return Captured(pick(captured.embed), [pick(t) for t in captured.attn],
+                    [pick(t) for t in captured.mlp], [pick(t) for t in captured.resid])
+
+
+def capture_models(
+    pair: Any, seq: TokenSeq, up_to: int, *, direct: bool = True
+) -> tuple[Captured, Captured, Captured | None]:
+    """The original model's, the circuit-broken model's and (``direct``) the adapters-off
+    patched forward's residual summands up to layer ``up_to``.
+
+    When every LoRA layer runs cbscope's lean forward, all of them come from one batched
+    forward: the rows' LoRA updates are scaled by 0 (original), 1 (circuit-broken, the pair's
+    current state) and 0 (patched: at every ``blocks.{b}.hook_resid_pre`` its input is replaced
+    by the circuit-broken row's), see :func:`cbscope.native_paths.lora_row_scale`. Otherwise
+    they are separate forwards.
+
+    Returns:
+        ``(original, circuit_broken, patched or None)``.
+    """
+    layers = pair._modules().lora_layers
+    if not native_paths.row_scale_supported(layers, pair.dtype):
+        cb = capture(pair, seq.tensor(pair.device), up_to)
+        with pair.original():
+            orig = capture(pair, seq.tensor(pair.device), up_to)
+        return orig, cb, direct_outputs(pair, seq, cb, up_to) if direct else None
+    rows = 3 if direct else 2
+    scale = torch.tensor([0.0, 1.0, 0.0][:rows], device=pair.device)
+
+    def copy_cb_row(activation: Tensor, hook: Any) -> Tensor:
+        activation = activation.clone()
+        activation[2] = activation[1]
+        return activation
+
+    hooks = [(f"blocks.{b}.hook_resid_pre", copy_cb_row) for b in range(1, up_to)] if direct else []
+    ids = seq.tensor(pair.device).repeat(rows, 1)
+    with native_paths.lora_row_scale(layers, scale):
+        both = capture(pair, ids, up_to, attention_mask=torch.ones_like(ids), extra_hooks=hooks)
+    return _row(both, 0), _row(both, 1), _row(both, 2) if direct else None
 
 
 def decompose_captured(
@@ -367,12 +396,7 @@ def decompose(
     if layer is not None:
         check_layers(pair, [layer])
     top = max(chosen + ([layer] if layer is not None else []))
-    cb = capture(pair, seq.tensor(pair.device), top)
-    if direct:
-        orig, off = direct_outputs(pair, seq, cb, top)
-    else:
-        with pair.original():
-            orig, off = capture(pair, seq.tensor(pair.device), top), None
+    orig, cb, off = capture_models(pair, seq, top, direct=direct)
     cos = torch.stack([cosine(orig.resid[lay - 1][0], cb.resid[lay - 1][0]) for lay in chosen])
     focus = find_focus(cos, chosen, seq, chosen, threshold)
     return decompose_captured(seq, orig, cb, off, focus.layer if layer is None else layer,

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from cbscope.data import Conversation
 from cbscope.why.attribution import Attribution, attribute
-from cbscope.why.decomposition import Decomposition, decompose_captured, direct_outputs
+from cbscope.why.decomposition import Decomposition, capture_models, decompose_captured
 from cbscope.why.direction import (
     DEFAULT_HARMFUL,
     DEFAULT_HARMLESS,
@@ -43,7 +43,6 @@ from cbscope.why.tokens import (
     ExplainError,
     Focus,
     TokenSeq,
-    capture,
     check_layers,
     check_threshold,
     cosine,
@@ -355,12 +354,7 @@ def explain(
 
     top = pair.n_layers if "logit_lens" in parts else max(targets + [layer or 0])
     top = max(top, layer or 0)
-    cb = capture(pair, seq.tensor(pair.device), top)
-    if "decomposition" in parts:
-        orig, off = direct_outputs(pair, seq, cb, top)
-    else:
-        with pair.original():
-            orig, off = capture(pair, seq.tensor(pair.device), top), None
+    orig, cb, off = capture_models(pair, seq, top, direct="decomposition" in parts)
     traced = list(range(1, top + 1))
     cos = torch.stack([cosine(orig.resid[i][0], cb.resid[i][0]) for i in range(top)])
     focus = find_focus(cos, traced, seq, targets, threshold)

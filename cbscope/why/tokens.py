@@ -342,7 +342,8 @@ def capture(
                   f"blocks.{block}.hook_resid_post"]
     hooks = [*extra_hooks, *[(name, keep) for name in names]]
     run_hooked(pair, input_ids, hooks, f"blocks.{up_to_layer - 1}.hook_resid_post", attention_mask)
-    resolved = {name: pair.bridge.hook_dict[name].name for name in names}
+    hook_dict = pair.bridge.hook_dict  # a property that walks the module tree: read it once
+    resolved = {name: hook_dict[name].name for name in names}
     got = {name: store[resolved[name]] for name in names if resolved[name] in store}
     missing = [name for name in names if name not in got]
     if missing:
