@@ -54,7 +54,7 @@ def render(sel: state.Selection) -> None:
     if st.button("Why does it fire? →", key="where_why", type="primary",
                  help="Which blocks' adapters, attention or MLP, which tokens, and where the "
                       "representation goes, for exactly these tokens."):
-        state.navigate("why")
+        state.navigate("why", pos=None)  # the new request starts at its own firing point
 
     st.plotly_chart(figs.lines, key="fig6_lines")
     st.caption("Next: hover a point for its token; change the plotted layers or the threshold in "

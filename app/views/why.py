@@ -71,6 +71,6 @@ def render(sel: state.Selection) -> None:
                        json.dumps(exp.to_dict(), default=str),
                        file_name="cbscope_explain.json", mime="application/json")
     if st.button("← Where does it fire?", key="why_back"):
-        state.navigate("where")
+        state.navigate("where", pos=None)
     st.info("Next: hover the logit-lens heatmap for both models' top predictions; pick another "
             "token above; `cbscope explain` writes the same as explain.json and HTML.")

@@ -316,9 +316,10 @@ def decompose_captured(
     """:class:`Decomposition` from captured forwards (``off``: see :func:`direct_outputs`)."""
     if not 1 <= layer <= min(orig.n_blocks, cb.n_blocks):
         raise ExplainError(f"layer {layer} was not captured (blocks: {orig.n_blocks})")
-    d = _stack(cb, layer, 0) - _stack(orig, layer, 0)  # [component, pos, d]
-    h_orig = orig.resid[layer - 1][0].double()
-    h_cb = cb.resid[layer - 1][0].double()
+    # float64 on the CPU: exact enough to measure float32 rounding, and device-independent
+    d = (_stack(cb, layer, 0) - _stack(orig, layer, 0)).cpu()  # [component, pos, d]
+    h_orig = orig.resid[layer - 1][0].double().cpu()
+    h_cb = cb.resid[layer - 1][0].double().cpu()
     delta = h_cb - h_orig
     dd = (delta * delta).sum(-1)
     noise = dd <= NOISE_RATIO * (h_orig * h_orig).sum(-1)
@@ -338,9 +339,9 @@ def decompose_captured(
     error = torch.where(noise, nan, error)
     if off is not None:
         attn_direct = torch.stack([cb.attn[b][0].double() - off.attn[b][0].double()
-                                   for b in range(layer)])
+                                   for b in range(layer)]).cpu()
         mlp_direct = torch.stack([cb.mlp[b][0].double() - off.mlp[b][0].double()
-                                  for b in range(layer)])
+                                  for b in range(layer)]).cpu()
         direct_attn = torch.where(noise, nan, (attn_direct * delta).sum(-1) / safe)
         direct_mlp = torch.where(noise, nan, (mlp_direct * delta).sum(-1) / safe)
     else:
