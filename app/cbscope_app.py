@@ -1,6 +1,7 @@
 """cbscope dashboard: run with ``cbscope app`` (or ``streamlit run app/cbscope_app.py``).
 
-Views: "Where does it fire?" (one request or conversation, Figure 6), "Dataset" (firing
+Views: "Where does it fire?" (one request or conversation, Figure 6), "Why does it fire?"
+(decomposition, adapter patching, attribution, logit lens, direction), "Dataset" (firing
 statistics), "Train" (a LoRRA run with live curves), "Probe" (a harmfulness probe beside the
 trace) and "Generalisation" (the cross-category matrix of ``cbscope generalise``). The model
 pair comes from the sidebar, the URL (``?model=...&adapter=...``) or the environment
@@ -22,9 +23,10 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from app import state  # noqa: E402
-from app.views import dataset, generalisation, probe, train, where  # noqa: E402
+from app.views import dataset, generalisation, probe, train, where, why  # noqa: E402
 
-RENDERERS = {"where": where.render, "dataset": dataset.render, "train": train.render,
+RENDERERS = {"where": where.render, "why": why.render, "dataset": dataset.render,
+             "train": train.render,
              "probe": probe.render, "generalisation": generalisation.render}
 
 

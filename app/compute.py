@@ -209,6 +209,145 @@ def no_fire_sentence(trace: CosineTrace, layers: Sequence[int], threshold: float
     )
 
 
+def request_dip(trace: CosineTrace, layers: Sequence[int], threshold: float) -> FiringPoint | None:
+    """The first request token whose cosine is below ``threshold`` at one of ``layers`` (the
+    lowest such layer there), or None: the breaker reacting to the request itself."""
+    chosen = plot_layers(trace, layers)
+    index = trace.layer_indices(chosen)
+    start = min(trace.response_start[0], trace.lengths[0])
+    below = trace.cos[0, index, :start] < threshold
+    if not bool(below.any()):
+        return None
+    pos = int(below.any(dim=0).nonzero()[0, 0])
+    row = int(below[:, pos].nonzero()[0, 0])
+    return FiringPoint(example=0, pos=pos, layer=chosen[row], token=trace.tokens[0][pos],
+                       cos=float(trace.cos[0, index[row], pos]), pos_after_start=pos - start,
+                       threshold=float(threshold))
+
+
+def _dip_text(point: FiringPoint) -> str:
+    return (f'token "{point.token.strip()}" (pos {point.pos}), layer {point.layer}, '
+            f"cosine {point.cos:.2f}")
+
+
+def headline(trace: CosineTrace, layers: Sequence[int] | None, threshold: float) -> tuple[str, str]:
+    """The view's headline and a caption under it: where the breaker fires on the response, or
+    that it does not but dips inside the request, or why there is no firing point."""
+    chosen = plot_layers(trace, layers)
+    point = trace.firing_point(threshold, chosen, 0)
+    dip = request_dip(trace, chosen, threshold)
+    layers_text = ", ".join(map(str, chosen))
+    if point is not None:
+        caption = (f"Threshold {threshold:g} on layers {layers_text}: the first response token "
+                   "whose cosine falls below it (the × in the plot).")
+        if dip is not None:
+            caption += f" Inside the request the cosine already dips below it at {_dip_text(dip)}."
+        return f"The breaker {point.describe()}", caption
+    if dip is not None:
+        start, length = trace.response_start[0], trace.lengths[0]
+        if start < length:
+            rest = (f"the lowest response cosine is {trace.min_cos(0, chosen):.2f} on layers "
+                    f"{layers_text}")
+        else:
+            rest = "there is no response yet (add a prefill or generate tokens)"
+        return (f"The breaker does not fire on the response, but inside the request: at "
+                f"{_dip_text(dip)}",
+                f"Threshold {threshold:g}; {rest}. The request itself is rerouted: the breaker "
+                "reacts to the harmful words before any answer.")
+    return (f"The breaker {no_fire_sentence(trace, chosen, threshold)}",
+            "Try a harmful request with a prefill, raise the threshold or add layers in the "
+            "sidebar.")
+
+
+# ---------------------------------------------------------------------- why does it fire?
+def explain_request(pair: Any, gtrace: GenerationTrace, layers: Sequence[int] | None,
+                    threshold: float) -> Any:
+    """:func:`cbscope.explain` of exactly the tokens the "Where does it fire?" view traced,
+    at the sidebar's layers (the breaker's target layers by default)."""
+    from cbscope.why import explain, from_trace
+
+    return explain(pair, tokens=from_trace(gtrace.trace), layers=list(layers) if layers else None,
+                   threshold=threshold)
+
+
+@dataclass
+class WhyFigures:
+    """The figures of the "Why does it fire?" view."""
+
+    block_share: go.Figure
+    effects: go.Figure
+    shares: go.Figure
+    patching: go.Figure
+    attribution: go.Figure
+    lens: go.Figure
+    pca: go.Figure
+    direction: go.Figure
+
+
+def why_figures(explanation: Any, pos: int | None = None) -> WhyFigures:
+    """Every figure of an explanation; the per-token ones at ``pos`` (default: the focus)."""
+    exp = explanation
+    pos = exp.focus.pos if pos is None else pos
+    return WhyFigures(
+        block_share=plots.block_share_heatmap(exp.decomposition, pos),
+        effects=plots.block_effects(exp.decomposition, pos),
+        shares=plots.share_heatmap(exp.decomposition),
+        patching=plots.patching_bars(exp.patching),
+        attribution=plots.attribution_strip(exp.attribution),
+        lens=plots.logit_lens_heatmap(exp.logit_lens),
+        pca=plots.pca_scatter(exp.direction.pca),
+        direction=plots.direction_lines(exp.direction),
+    )
+
+
+def why_answers(explanation: Any) -> dict[str, str]:
+    """The view's four answers in sentences: blocks, attention or MLP, tokens, destination."""
+    exp = explanation
+    patch, dec, attr, lens, direction = (exp.patching, exp.decomposition, exp.attribution,
+                                         exp.logit_lens, exp.direction)
+    threshold = exp.threshold
+    if not patch.fires(patch.all):
+        blocks = (f"With every adapter on, the {patch.segment} tokens stay above {threshold:g} "
+                  f"(lowest cosine {patch.all:.2f}): the breaker does not fire here.")
+    else:
+        parts = []
+        if patch.minimal_set is not None:
+            parts.append(f"the adapters of blocks **{', '.join(map(str, patch.minimal_set))}** "
+                         f"alone make it fire (greedy minimal set, cosine {patch.minimal_cos:.2f})")
+        necessary = patch.necessary_blocks
+        parts.append(f"without the adapter of block {', '.join(map(str, necessary))} it no "
+                     "longer fires" if necessary else "no single block's adapter is necessary")
+        sufficient = patch.sufficient_blocks
+        if sufficient:
+            parts.append(f"block {', '.join(map(str, sufficient))} alone is enough")
+        text = "; ".join(parts)
+        blocks = text[0].upper() + text[1:] + "."
+    shares = dec.kind_shares(exp.focus.pos)
+    top = ", ".join(f"{name} {share:.2f}" for name, share in dec.top_components(exp.focus.pos, 3))
+    route = (f"At the firing token the rerouting delta (layer {dec.layer}) is "
+             f"**{100 * shares['attn']:.0f}% attention** and **{100 * shares['mlp']:.0f}% MLP** "
+             f"output (largest: {top}). Causally, only the attention LoRA on gives cosine "
+             f"{patch.attn_only:.2f}, only the MLP LoRA {patch.mlp_only:.2f} (threshold "
+             f"{threshold:g}).")
+    top_tokens = attr.top(3)
+    tokens = ("Occluding these raises the cosine most: " + ", ".join(
+        f'"{t.strip()}" (pos {p}, +{s:.2f})' for p, t, s in top_tokens) + "."
+              if top_tokens else "No token's occlusion changes the cosine.")
+    last = lens.layers[-1]
+    cb = ", ".join(f'"{t.strip()}" {p:.2f}' for t, p in lens.top("circuit-broken", last,
+                                                                  exp.focus.pos)[:3])
+    orig = ", ".join(f'"{t.strip()}" {p:.2f}' for t, p in lens.top("original", last,
+                                                                   exp.focus.pos)[:3])
+    at = direction.at(exp.focus.layer) if exp.focus.layer in direction.layers else None
+    goes = f"Next token at the firing point: original {orig}; circuit-broken {cb}."
+    if at is not None:
+        goes += (f" The rerouting direction at layer {exp.focus.layer} is "
+                 f"{'one shared direction' if at['shared'] > 0.8 else 'not one direction'} "
+                 f"(mean pairwise cosine {at['shared']:.2f} over {direction.n_examples} harmful "
+                 f"examples) and has cosine {at['cos_refusal']:.2f} with the refusal direction.")
+    return {"blocks": blocks, "route": route, "tokens": tokens, "goes": goes}
+
+
 # ---------------------------------------------------------------------- probe
 @torch.no_grad()
 def probe_scores(pair: Any, probe: Any, trace: CosineTrace) -> torch.Tensor:

@@ -47,6 +47,8 @@ _EXPORTS: dict[str, str] = {
     "generalisation_matrix": "cbscope.generalise",
     "GeneralisationResult": "cbscope.generalise",
     "frontier": "cbscope.generalise",
+    "explain": "cbscope.why.explanation",
+    "Explanation": "cbscope.why.explanation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -11,7 +11,8 @@ import logging
 
 import typer
 
-COMMAND_MODULES = ("demo", "organism", "train", "trace", "evaluate", "app", "generalise", "info")
+COMMAND_MODULES = ("demo", "organism", "train", "trace", "explain", "evaluate", "app", "generalise",
+                   "info")
 
 app = typer.Typer(
     name="cbscope",

@@ -16,7 +16,10 @@ HF's tuple differ; every other layer matches exactly. cbscope always reads the r
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 
 class LayerError(ValueError):
@@ -99,3 +102,32 @@ def figure6_layers(n_layers: int) -> list[int]:
     """Early / middle / late layers for Figure-6 style plots (5, 10, 20 of 32, scaled)."""
     picks = {max(1, min(n_layers, round(x * n_layers / 32))) for x in (5, 10, 20)}
     return sorted(picks)
+
+
+def adapter_target_layers(adapter_dir: str | os.PathLike[str] | None, n_layers: int) -> list[int]:
+    """The layers a breaker was trained to reroute, from its saved config.
+
+    Reads ``lorra_config.json`` (``target_layers``; ``null`` means the paper's default for the
+    model's depth), else ``train_info.json`` (``target_layers``), else uses
+    :func:`default_target_layers`. Layers outside the model are dropped.
+
+    Args:
+        adapter_dir: The adapter folder (None: no adapter).
+        n_layers: Number of decoder blocks of the model.
+
+    Returns:
+        Sorted paper-convention layers.
+    """
+    found: list[int] | None = None
+    if adapter_dir is not None:
+        folder = Path(adapter_dir)
+        for name in ("lorra_config.json", "train_info.json"):
+            try:
+                value = json.loads((folder / name).read_text()).get("target_layers")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if value:
+                found = [int(layer) for layer in value]
+                break
+    layers = sorted({layer for layer in (found or []) if 1 <= layer <= n_layers})
+    return layers or default_target_layers(n_layers)

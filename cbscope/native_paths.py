@@ -10,7 +10,11 @@ and each normalisation computes its statistics a second time for ``hook_scale`` 
 :func:`install` gives each such component a dispatching ``forward``: while none of the hook
 points inside it has a hook (a ``run_with_cache`` or a user's hook adds one), the HF module runs
 itself (attention through PyTorch's ``scaled_dot_product_attention``); otherwise the bridge's own
-hooked forward runs, so every hook still sees what it always saw.
+hooked forward runs, so every hook still sees what it always saw. Hooks on the component's own
+``hook_in`` / ``hook_out`` alone (``blocks.{b}.hook_attn_out``, ``blocks.{b}.hook_resid_mid`` =
+``ln2.hook_in``: what the residual-stream decomposition of :mod:`cbscope.explain` reads) keep
+the native compute: the two hooks are applied to its input and output, where the hooked forward
+applies them.
 
 Attention: the HF module gets a private copy of its config with ``_attn_implementation =
 "sdpa"``; the model-level config stays as the bridge set it (``eager``), so the mask the HF model
@@ -29,14 +33,17 @@ multiplication in the forward and another in the backward (about 5% of a SmolLM2
 step). The lean forward computes ``base(x) + B(A(dropout(x))) [* scaling]`` directly for the
 common case (one active vanilla adapter, not merged, no extra arguments, matching dtypes) and
 hands everything else to peft; the numbers are bit-identical (multiplying by 1 is exact).
+:func:`lora_row_scale` makes the lean forward scale the update per batch row, so that one
+batched forward can hold rows of the original model (scale 0) beside the adapted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
@@ -44,6 +51,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 NATIVE_IMPLEMENTATION = "sdpa"
+ROW_SCALE = "_cbscope_row_scale"
 
 
 def _hook_points(component: nn.Module) -> list[nn.Module]:
@@ -53,12 +61,44 @@ def _hook_points(component: nn.Module) -> list[nn.Module]:
     return [m for m in component.modules() if isinstance(m, HookPoint)]
 
 
-def _dispatching_forward(component: nn.Module, native: Callable[..., Any]) -> Callable[..., Any]:
-    hooked_forward = type(component).forward.__get__(component)
-    hook_points = _hook_points(component)
+def _has_hooks(point: nn.Module) -> bool:
+    return bool(point._forward_hooks or point._forward_pre_hooks or point._backward_hooks)
+
+
+def _with_edge_hooks(component: nn.Module, native: Callable[..., Any]) -> Callable[..., Any]:
+    """``native`` with the component's own ``hook_in`` / ``hook_out`` applied around it, where
+    the hooked forward applies them: ``hook_in`` on the input hidden states, ``hook_out`` on the
+    output (the first element of attention's ``(output, weights)``)."""
+    hook_in, hook_out = component.hook_in, component.hook_out
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if any(h._forward_hooks or h._forward_pre_hooks or h._backward_hooks for h in hook_points):
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = hook_in(kwargs["hidden_states"])
+        else:
+            args = (hook_in(args[0]), *args[1:])
+        result = native(*args, **kwargs)
+        if isinstance(result, tuple):
+            return (hook_out(result[0]), *result[1:])
+        return hook_out(result)
+
+    return forward
+
+
+def _dispatching_forward(component: nn.Module, native: Callable[..., Any]) -> Callable[..., Any]:
+    hooked_forward = type(component).forward.__get__(component)
+    edges = [getattr(component, "hook_in", None), getattr(component, "hook_out", None)]
+    edge_ids = {id(point) for point in edges if point is not None}
+    inner = [h for h in _hook_points(component) if id(h) not in edge_ids]
+    # per-head results replace the output projection in the hooked forward: never native then
+    per_head = bool(getattr(getattr(component, "config", None), "use_attn_result", False))
+    edge_native = _with_edge_hooks(component, native) if len(edge_ids) == 2 else None
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if per_head or any(_has_hooks(h) for h in inner):
+            return hooked_forward(*args, **kwargs)
+        if edge_native is not None and any(_has_hooks(h) for h in edges):
+            return edge_native(*args, **kwargs)
+        if edge_native is None and any(h is not None and _has_hooks(h) for h in edges):
             return hooked_forward(*args, **kwargs)
         return native(*args, **kwargs)
 
@@ -142,8 +182,44 @@ def _lean_lora_forward(layer: nn.Module, x: Any, *args: Any, **kwargs: Any) -> A
     scaling = layer.scaling[name]
     if scaling != 1:
         update = update * scaling
+    rows = layer.__dict__.get(ROW_SCALE)
+    if rows is not None:
+        update = update * rows.view(-1, *([1] * (update.dim() - 1))).to(update)
     out = result + update
     return out if out.dtype == result.dtype else out.to(result.dtype)
+
+
+def row_scale_supported(layers: list[nn.Module], dtype: Any) -> bool:
+    """Whether every layer runs the lean forward's own arithmetic for ``dtype`` inputs (one
+    active vanilla adapter, not merged, LoRA weights of that dtype), so that
+    :func:`lora_row_scale` acts on all of them."""
+    for layer in layers:
+        if "forward" not in vars(layer) or layer.merged:
+            return False
+        active = layer.active_adapters
+        if len(active) != 1 or active[0] not in layer.lora_A or active[0] in layer.lora_variant:
+            return False
+        if layer.lora_A[active[0]].weight.dtype != dtype:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def lora_row_scale(layers: list[nn.Module], scale: Any) -> Iterator[None]:
+    """Multiply the LoRA update of each batch row by ``scale[row]`` in the lean forward.
+
+    With a scale of 0 a row computes the base model exactly (``base(x) + 0``) and with 1 the
+    adapted one, so one batched forward runs the original and the circuit-broken model side by
+    side (:mod:`cbscope.why.decomposition`). Check :func:`row_scale_supported` first: layers on
+    peft's own forward ignore the scale.
+    """
+    for layer in layers:
+        layer.__dict__[ROW_SCALE] = scale
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop(ROW_SCALE, None)
 
 
 def install_lora(*models: nn.Module) -> int:

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from cbscope import native_paths
-from cbscope.layers import resid_hook_name, validate_layers
+from cbscope.layers import adapter_target_layers, resid_hook_name, validate_layers
 from cbscope.models import (
     BUILTIN_SPECS,
     ResolvedModel,
@@ -115,6 +115,12 @@ class ModelPair:
     def d_model(self) -> int:
         """Width of the residual stream."""
         return int(self.model.config.hidden_size)
+
+    @property
+    def target_layers(self) -> list[int]:
+        """The layers the adapter was trained to reroute (its ``lorra_config.json``; the
+        paper's default for this depth without one)."""
+        return adapter_target_layers(self.adapter_path, self.n_layers)
 
     @property
     def has_adapter(self) -> bool:

@@ -12,7 +12,15 @@ callers (and tests) can find them again:
 - :func:`norm_lines`: ``"layer {l} original"`` and ``"layer {l} circuit-broken"``;
 - :func:`token_strip`: one heatmap named ``"lowest cosine"``;
 - :func:`firing_histogram`: bars ``"harmful"`` and ``"benign"``;
-- :func:`probe_scores_figure`: ``"probe score"`` and the ``"threshold"`` line.
+- :func:`probe_scores_figure`: ``"probe score"`` and the ``"threshold"`` line;
+- why does it fire? (:mod:`cbscope.why`): :func:`share_heatmap` (``"share"``),
+  :func:`block_share_heatmap` (``"share at token"``), :func:`block_effects` (``"direct (own
+  LoRA)"``, ``"from changed inputs"``), :func:`patching_bars` (``"necessity (block off)"``,
+  ``"sufficiency (only block on)"``), :func:`attribution_strip` (``"attribution"``),
+  :func:`logit_lens_heatmap` (``"logit lens"``), :func:`pca_scatter` (``"harmful original"``
+  ...), :func:`direction_lines`.
+
+Hover texts name tokens as ``token (pos N)``.
 
 Token strings are HTML-escaped for display (plotly renders ``<assistant>`` as a tag otherwise).
 This module never imports the trainer.
@@ -113,7 +121,9 @@ def _segment_markers(fig: go.Figure, single: CosineTrace) -> None:
 
 
 def _hover_tokens(tokens: Sequence[str]) -> list[str]:
-    return [display_token(t) for t in tokens]
+    """``"token (pos N)"`` per token. The position is written into the text: plotly's ``%{x}``
+    on an axis with token tick labels shows the tick label, not the number."""
+    return [f"{display_token(t)} (pos {p})" for p, t in enumerate(tokens)]
 
 
 def figure6_lines(
@@ -152,7 +162,7 @@ def figure6_lines(
                 line={"color": LAYER_COLORS[k % len(LAYER_COLORS)], "width": 2},
                 marker={"size": 4},
                 customdata=hover,
-                hovertemplate=f"layer {layer}<br>%{{customdata}} (pos %{{x}})<br>cos %{{y:.3f}}"
+                hovertemplate=f"layer {layer}<br>%{{customdata}}<br>cos %{{y:.3f}}"
                 "<extra></extra>",
             )
         )
@@ -210,7 +220,7 @@ def cosine_heatmap(trace: CosineTrace, example: int = 0) -> go.Figure:
             colorscale=COSINE_SCALE,
             colorbar={"title": {"text": "cos"}},
             name="cosine",
-            hovertemplate="token %{customdata[0]} (pos %{x})<br>%{y}<br>cos %{z:.3f}"
+            hovertemplate="%{customdata[0]}<br>%{y}<br>cos %{z:.3f}"
             "<br>norm original %{customdata[1]:.2f}<br>norm circuit-broken %{customdata[2]:.2f}"
             "<extra></extra>",
         )
@@ -247,7 +257,7 @@ def norm_lines(
                     name=f"layer {layer} {which}",
                     line={"color": color, "dash": dash},
                     customdata=hover,
-                    hovertemplate=f"layer {layer} {which}<br>%{{customdata}} (pos %{{x}})"
+                    hovertemplate=f"layer {layer} {which}<br>%{{customdata}}"
                     "<br>norm %{y:.2f}<extra></extra>",
                 )
             )
@@ -273,13 +283,14 @@ def token_strip(trace: CosineTrace, example: int = 0) -> go.Figure:
             y=["tokens"],
             text=[labels],
             texttemplate="%{text}",
-            customdata=[layer_of_min],
+            customdata=[[[label, int(layer)] for label, layer in
+                         zip(_hover_tokens(tokens), layer_of_min, strict=True)]],
             zmin=-1,
             zmax=1,
             colorscale=COSINE_SCALE,
             colorbar={"title": {"text": "lowest cos"}},
             name="lowest cosine",
-            hovertemplate="%{text} (pos %{x})<br>lowest cos %{z:.3f} at layer %{customdata}"
+            hovertemplate="%{customdata[0]}<br>lowest cos %{z:.3f} at layer %{customdata[1]}"
             "<extra></extra>",
             xgap=1,
         )
@@ -359,7 +370,7 @@ def probe_scores_figure(
             name="probe score",
             line={"color": "#9467bd"},
             customdata=_hover_tokens(tokens),
-            hovertemplate="%{customdata} (pos %{x})<br>score %{y:.3f}<extra></extra>",
+            hovertemplate="%{customdata}<br>score %{y:.3f}<extra></extra>",
         )
     )
     if threshold is not None:
@@ -422,3 +433,208 @@ def save_html(
     )
     path.write_text(page, encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------------- why does it fire?
+SHARE_SCALE = "RdBu_r"
+
+
+def share_heatmap(decomposition: Any) -> go.Figure:
+    """Component x token heatmap of the decomposition's shares (one heatmap ``"share"``).
+
+    Rows are ``embed``, ``attn.{b}``, ``mlp.{b}`` (bottom to top); each column sums to 1.
+    """
+    dec = decomposition
+    labels = _hover_tokens(dec.tokens)
+    z = dec.share.numpy()
+    custom = np.empty(z.shape, dtype=object)
+    custom[:, :] = np.array(labels, dtype=object)[None, :]
+    limit = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+    fig = go.Figure(go.Heatmap(
+        z=z, x=np.arange(len(dec.tokens)), y=dec.components, customdata=custom,
+        zmid=0, zmin=-limit, zmax=limit, colorscale=SHARE_SCALE, name="share",
+        colorbar={"title": {"text": "share"}},
+        hovertemplate="%{customdata}<br>%{y}<br>share %{z:.3f}<extra></extra>",
+    ))
+    _token_axis(fig, dec.tokens)
+    fig.update_yaxes(title_text="component (block index)")
+    fig.update_layout(title=f"Share of the rerouting delta at layer {dec.layer}, per component "
+                            "and token", height=max(320, 14 * len(dec.components) + 160))
+    return fig
+
+
+def block_share_heatmap(decomposition: Any, pos: int | None = None) -> go.Figure:
+    """Block x component (attention, MLP) shares at one token (heatmap ``"share at token"``)."""
+    dec = decomposition
+    pos = dec.focus_pos if pos is None else pos
+    if pos is None:
+        raise ValueError("give a position: the decomposition has no focus token")
+    z = np.stack([dec.attn_share[:, pos].numpy(), dec.mlp_share[:, pos].numpy()])
+    limit = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+    label = f"{display_token(dec.tokens[pos])} (pos {pos})"
+    fig = go.Figure(go.Heatmap(
+        z=z, x=list(range(dec.n_blocks)), y=["attention", "MLP"], zmid=0, zmin=-limit,
+        zmax=limit, colorscale=SHARE_SCALE, name="share at token",
+        colorbar={"title": {"text": "share"}},
+        hovertemplate=f"{label}<br>block %{{x}} %{{y}}<br>share %{{z:.3f}}<extra></extra>",
+        texttemplate="%{z:.2f}",
+    ))
+    fig.update_xaxes(title_text="block", tickmode="linear", dtick=1)
+    fig.update_layout(title=f"Who carries the rerouting at {label}, layer {dec.layer}",
+                      height=260)
+    return fig
+
+
+def block_effects(decomposition: Any, pos: int | None = None) -> go.Figure:
+    """Each block's share at one token, split into its direct part (its own LoRA) and the part
+    from inputs changed by earlier blocks (bars ``"direct (own LoRA)"`` and ``"from changed
+    inputs"``, stacked)."""
+    dec = decomposition
+    pos = dec.focus_pos if pos is None else pos
+    if pos is None:
+        raise ValueError("give a position: the decomposition has no focus token")
+    blocks = list(range(dec.n_blocks))
+    fig = go.Figure()
+    for name, values, color in (("direct (own LoRA)", dec.block_direct[:, pos], "#d62728"),
+                                ("from changed inputs", dec.block_indirect[:, pos], "#1f77b4")):
+        fig.add_trace(go.Bar(x=blocks, y=values.numpy(), name=name, marker={"color": color},
+                             hovertemplate=f"block %{{x}}<br>{name}: %{{y:.3f}}<extra></extra>"))
+    label = f"{display_token(dec.tokens[pos])} (pos {pos})"
+    fig.update_layout(barmode="relative", title=f"Each block's share of the delta at {label}",
+                      xaxis_title="block", yaxis_title="share of |D|²", height=320)
+    fig.update_xaxes(tickmode="linear", dtick=1)
+    return fig
+
+
+def patching_bars(result: Any) -> go.Figure:
+    """Necessity and sufficiency per block (bars ``"necessity (block off)"`` and
+    ``"sufficiency (only block on)"``), with the threshold, all-on and none-on lines."""
+    fig = go.Figure()
+    for name, values, color in (("necessity (block off)", result.necessity, "#1f77b4"),
+                                ("sufficiency (only block on)", result.sufficiency, "#ff7f0e")):
+        fig.add_trace(go.Bar(x=result.blocks, y=values, name=name, marker={"color": color},
+                             hovertemplate=f"block %{{x}}<br>{name}<br>min cos %{{y:.3f}}"
+                                           "<extra></extra>"))
+    for name, value, dash in (("threshold", result.threshold, "dash"),
+                              ("all adapters on", result.all, "dot"),
+                              ("no adapter (original)", result.none, "dot")):
+        fig.add_shape(type="line", name=name, x0=0, x1=1, xref="paper", y0=value, y1=value,
+                      yref="y", line={"color": "#555555" if name == "threshold" else "#999999",
+                                      "dash": dash, "width": 1})
+    title = "Minimum response cosine at layers " + ", ".join(map(str, result.layers))
+    if result.minimal_set is not None:
+        title += f"<br><sup>greedy minimal sufficient set: blocks {result.minimal_set}</sup>"
+    fig.update_layout(title=title, barmode="group", xaxis_title="block",
+                      yaxis_title="min cos(original, patched)", height=360)
+    fig.update_xaxes(tickmode="linear", dtick=1)
+    fig.update_yaxes(range=[-1.05, 1.05])
+    return fig
+
+
+def attribution_strip(attribution: Any) -> go.Figure:
+    """The tokens coloured by attribution (positive: drives the firing), one row per method
+    (heatmap ``"attribution"``)."""
+    attr = attribution
+    rows = [("occlusion", attr.occlusion.numpy()), ("gradient x input", attr.grad_x_input.numpy())]
+    z = np.stack([values for _, values in rows])
+    limit = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+    labels = [display_token(t) for t in attr.tokens]
+    text = [labels, labels]
+    custom = np.empty(z.shape, dtype=object)
+    custom[:, :] = np.array(_hover_tokens(attr.tokens), dtype=object)[None, :]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=np.arange(len(attr.tokens)), y=[name for name, _ in rows], text=text,
+        texttemplate="%{text}", customdata=custom, zmid=0, zmin=-limit, zmax=limit,
+        colorscale=SHARE_SCALE, name="attribution", xgap=1, textfont={"size": 12},
+        colorbar={"title": {"text": "drive"}},
+        hovertemplate="%{customdata}<br>%{y}: %{z:.3f}<extra></extra>",
+    ))
+    target = f"{display_token(attr.tokens[attr.pos])} (pos {attr.pos})"
+    fig.update_xaxes(showticklabels=False, title_text="token")
+    fig.update_layout(title=f"Which tokens drive the cosine at {target}, layer {attr.layer} down "
+                            f"(red: drives the firing; occluded with {display_token(attr.neutral)})",
+                      height=260)
+    return fig
+
+
+def logit_lens_heatmap(lens: Any, model: str = "circuit-broken") -> go.Figure:
+    """Layer x token heatmap of ``model``'s top-1 logit-lens probability; hover shows both
+    models' top-k (heatmap ``"logit lens"``)."""
+    if model not in ("original", "circuit-broken"):
+        raise ValueError(f"model must be 'original' or 'circuit-broken', not {model!r}")
+    labels = _hover_tokens(lens.tokens)
+    n_layers, n_pos = len(lens.layers), len(lens.tokens)
+    custom = np.empty((n_layers, n_pos, 3), dtype=object)
+    for i, layer in enumerate(lens.layers):
+        for pos in range(n_pos):
+            parts = []
+            for which in ("original", "circuit-broken"):
+                top = ", ".join(f"{display_token(t)} {p:.2f}" for t, p in lens.top(which, layer, pos))
+                parts.append(top)
+            custom[i, pos] = [labels[pos], parts[0], parts[1]]
+    z = lens.top_probs[model][:, :, 0].numpy()
+    fig = go.Figure(go.Heatmap(
+        z=z, x=np.arange(n_pos), y=[f"layer {layer}" for layer in lens.layers], customdata=custom,
+        zmin=0, zmax=1, colorscale="Viridis", name="logit lens",
+        colorbar={"title": {"text": "top-1 p"}},
+        hovertemplate="%{customdata[0]}<br>%{y}<br>original: %{customdata[1]}"
+                      "<br>circuit-broken: %{customdata[2]}<extra></extra>",
+    ))
+    _token_axis(fig, lens.tokens)
+    fig.update_yaxes(title_text="layer")
+    fig.update_layout(title=f"Logit lens ({model}): top-1 probability per layer and token; hover "
+                            "for both models' top-k", height=max(320, 18 * n_layers + 160))
+    return fig
+
+
+PCA_STYLE = {
+    ("harmful", "original"): ("#1f77b4", "circle"),
+    ("harmful", "circuit-broken"): ("#d62728", "circle"),
+    ("benign", "original"): ("#2ca02c", "square"),
+    ("benign", "circuit-broken"): ("#ff7f0e", "square"),
+}
+
+
+def pca_scatter(pca: Any) -> go.Figure:
+    """2-D PCA of original and circuit-broken states (traces ``"harmful original"``,
+    ``"harmful circuit-broken"``, ``"benign original"``, ``"benign circuit-broken"``)."""
+    fig = go.Figure()
+    for (which, model), (color, symbol) in PCA_STYLE.items():
+        index = [i for i in range(len(pca.x)) if pca.set[i] == which and pca.model[i] == model]
+        if not index:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[pca.x[i] for i in index], y=[pca.y[i] for i in index], mode="markers",
+            name=f"{which} {model}",
+            marker={"color": color, "symbol": symbol, "size": 8,
+                    "line": {"width": [2 if pca.segment[i] == "response" else 0 for i in index],
+                             "color": "black"}},
+            customdata=[f"{display_token(pca.token[i])} (pos {pca.pos[i]}), {pca.segment[i]}"
+                        for i in index],
+            hovertemplate=f"{which} {model}<br>%{{customdata}}<extra></extra>",
+        ))
+    ex = pca.explained
+    fig.update_layout(title=f"Original vs circuit-broken states at layer {pca.layer} (PCA; "
+                            "outlined: response tokens)",
+                      xaxis_title=f"PC 1 ({100 * ex[0]:.0f}% of variance)",
+                      yaxis_title=f"PC 2 ({100 * ex[1]:.0f}% of variance)", height=420)
+    return fig
+
+
+def direction_lines(report: Any) -> go.Figure:
+    """The rerouting direction per layer: ``"shared (mean pairwise cos)"``, ``"cos with the
+    refusal direction"`` and ``"cos with {token}"`` for each end-of-turn token."""
+    fig = go.Figure()
+    series = [("shared (mean pairwise cos)", report.shared),
+              ("cos with the refusal direction", report.cos_refusal)]
+    series += [(f"cos with {name}", values) for name, values in report.cos_tokens.items()]
+    for k, (name, values) in enumerate(series):
+        fig.add_trace(go.Scatter(
+            x=report.layers, y=values, mode="lines+markers", name=html.escape(name),
+            line={"color": LAYER_COLORS[k % len(LAYER_COLORS)]},
+            hovertemplate=f"{html.escape(name)}<br>layer %{{x}}: %{{y:.3f}}<extra></extra>",
+        ))
+    fig.update_layout(title=f"The rerouting direction over {report.n_examples} harmful examples",
+                      xaxis_title="layer", yaxis_title="cosine", height=320)
+    fig.update_yaxes(range=[-1.05, 1.05])
+    return fig

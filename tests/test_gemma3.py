@@ -9,7 +9,6 @@ Everything but the last test runs on tiny random Gemmas (``conftest.make_tiny_ge
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest

@@ -43,3 +43,18 @@ def test_default_targets_scale_with_depth() -> None:
     low, high = default_target_layers(6)
     assert 1 <= low < high <= 6
     assert figure6_layers(32) == [5, 10, 20]
+
+
+def test_adapter_target_layers_from_the_saved_config(tmp_path) -> None:
+    import json
+
+    from cbscope.layers import adapter_target_layers
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1] / "cbscope" / "assets"
+    assert adapter_target_layers(root / "organism-breaker", 6) == [2, 4, 6]
+    assert adapter_target_layers(root / "smollm2-breaker", 30) == [9, 19]  # null -> train_info
+    assert adapter_target_layers(None, 30) == default_target_layers(30)
+    (tmp_path / "lorra_config.json").write_text(json.dumps({"target_layers": [3, 99]}))
+    assert adapter_target_layers(tmp_path, 6) == [3]
+    (tmp_path / "lorra_config.json").write_text("not json")
+    assert adapter_target_layers(tmp_path, 6) == default_target_layers(6)

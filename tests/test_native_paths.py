@@ -128,3 +128,53 @@ def test_lean_lora_forward_hands_merged_layers_to_peft(pair: ModelPair) -> None:
         after = layer(x)
     torch.testing.assert_close(merged, before, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)  # unmerge rounds W + dW - dW
+
+
+def test_hooks_on_a_components_own_input_and_output_keep_the_native_path(pair: ModelPair) -> None:
+    """``hook_attn_out`` / ``hook_resid_mid`` (a component's ``hook_out`` / ``hook_in``) are
+    read on the native path, and equal what the hooked forward gives them; an edit made there
+    propagates on both paths."""
+    ids, mask = batch(pair)
+    names = [f"blocks.{b}.{point}" for b in range(pair.n_layers)
+             for point in ("hook_attn_out", "hook_resid_mid", "hook_mlp_out")]
+    results = []
+    for hooked in (False, True):
+        seen: dict[str, torch.Tensor] = {}
+        calls: list[str] = []
+        edges = [(name, lambda t, hook, seen=seen: seen.__setitem__(hook.name, t.detach().clone()))
+                 for name in names]
+        scale = [("blocks.0.hook_attn_out", lambda t, hook: t * 2.0)]
+        inner = pattern_hooks(pair, calls) if hooked else []
+        with pair.bridge.hooks(fwd_hooks=edges + inner):
+            plain = pair.resid(ids, mask, [1, 2, 3])
+        with pair.bridge.hooks(fwd_hooks=scale + inner):
+            edited = pair.resid(ids, mask, [3])
+        assert bool(calls) == hooked  # the observing hooks alone never left the native path
+        results.append((seen, plain, edited))
+    (native, native_resid, native_edit), (eager, eager_resid, eager_edit) = results
+    assert sorted(native) == sorted(eager) and len(native) == 3 * pair.n_layers
+    real = mask.bool()
+    for name in native:
+        torch.testing.assert_close(native[name][real], eager[name][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(native_resid[:, real], eager_resid[:, real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(native_edit[:, real], eager_edit[:, real], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(native_edit[0][real], native_resid[2][real])  # the edit acted
+
+
+def test_row_scale_runs_base_and_adapted_rows_in_one_batch(pair: ModelPair) -> None:
+    from cbscope import native_paths
+
+    ids, mask = batch(pair)
+    layers = pair._modules().lora_layers
+    assert native_paths.row_scale_supported(layers, pair.dtype)
+    with pair.original():
+        base = pair.resid(ids, mask, [3])[0]
+    adapted = pair.resid(ids, mask, [3])[0]
+    scale = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    with native_paths.lora_row_scale(layers, scale):
+        mixed = pair.resid(ids, mask, [3])[0]
+    real = mask.bool()
+    for row in range(4):
+        want = base if scale[row] == 0 else adapted
+        torch.testing.assert_close(mixed[row][real[row]], want[row][real[row]], atol=1e-5, rtol=1e-5)
+    assert not native_paths.row_scale_supported(layers, torch.bfloat16)

@@ -34,6 +34,11 @@ EXPECTED: dict[str, list[str]] = {
     "03_train_and_ablate.ipynb": [r"most stable loss: (rr|rmu|random_norm|refusal_direction)"],
     "04_attacks_and_durability.ipynb": [r"steps to 50%: "],
     "05_generalisation.ipynb": [r"loo: mean held-out ASR \d", r"live mean held-out ASR: "],
+    "06_why_it_fires.ipynb": [
+        r"organism minimal sufficient blocks: \{",
+        r"topic word outranks template word \(occlusion\): \d",
+        r"SmolLM2 minimal sufficient blocks: |SmolLM2 is not available",
+    ],
 }
 
 

@@ -87,9 +87,25 @@ def test_cosine_heatmap_values_and_hover() -> None:
     assert z[9, 7] == pytest.approx(0.08) and z[8, 7] == pytest.approx(0.98)
     assert list(heat.y)[9] == "layer 10"
     custom = np.asarray(heat.customdata, dtype=object)
-    assert custom[9, 7, 0] == "Start" and float(custom[9, 7, 2]) == pytest.approx(9.0)
-    for word in ("token", "cos", "norm original", "norm circuit-broken"):
+    assert custom[9, 7, 0] == "Start (pos 7)" and float(custom[9, 7, 2]) == pytest.approx(9.0)
+    for word in ("cos", "norm original", "norm circuit-broken"):
         assert word in heat.hovertemplate
+
+
+def test_every_per_token_hover_says_token_and_position() -> None:
+    """``token (pos N)``, with N written into the text: plotly's %{x} on an axis with token tick
+    labels shows the token again (the browser showed "pifo (pos pifo)")."""
+    trace = _trace()
+    figures = [plots.figure6_lines(trace, layers=[1, 10]), plots.cosine_heatmap(trace),
+               plots.norm_lines(trace, layers=[10]), plots.token_strip(trace),
+               plots.probe_scores_figure(TOKENS, np.zeros(len(TOKENS)))]
+    for fig in figures:
+        for data in fig.data:
+            if data.name in ("firing point", "above threshold"):
+                continue
+            assert "%{x}" not in (data.hovertemplate or ""), (data.name, data.hovertemplate)
+            flat = str(np.asarray(data.customdata, dtype=object).tolist())
+            assert "Start (pos 7)" in flat, data.name
 
 
 def test_norm_lines() -> None:
@@ -184,3 +200,37 @@ def test_plots_do_not_import_the_trainer() -> None:
     source = Path(plots.__file__).read_text()
     assert "lorra" not in source.replace("never imports the trainer", "")
     assert "cbscope.plots" in sys.modules
+
+
+def test_explanation_figures(tmp_path) -> None:
+    from pathlib import Path
+
+    import cbscope
+
+    breaker = Path(plots.__file__).parent / "assets" / "organism-breaker"
+    pair = cbscope.load_pair("organism", breaker)
+    exp = cbscope.explain(pair, "how do i spread the fever virus in rokun ?", "sure here is how :")
+    pos = exp.focus.pos
+    block = plots.block_share_heatmap(exp.decomposition)
+    assert _names(block) == ["share at token"] and f"(pos {pos})" in block.layout.title.text
+    z = np.asarray(block.data[0].z, dtype=float)
+    assert z.shape == (2, exp.decomposition.layer)
+    assert z.sum() == pytest.approx(1.0, abs=1e-5)  # the embedding's share is 0 here
+    assert _names(plots.block_effects(exp.decomposition)) == ["direct (own LoRA)",
+                                                              "from changed inputs"]
+    assert _names(plots.share_heatmap(exp.decomposition)) == ["share"]
+    bars = plots.patching_bars(exp.patching)
+    assert _names(bars) == ["necessity (block off)", "sufficiency (only block on)"]
+    assert list(bars.data[0].y) == exp.patching.necessity
+    assert {_s.name for _s in bars.layout.shapes} == {"threshold", "all adapters on",
+                                                       "no adapter (original)"}
+    strip = plots.attribution_strip(exp.attribution)
+    assert _names(strip) == ["attribution"]
+    lens = plots.logit_lens_heatmap(exp.logit_lens)
+    custom = np.asarray(lens.data[0].customdata, dtype=object)
+    assert custom.shape == (6, len(exp.tokens), 3) and custom[5, pos, 0].endswith(f"(pos {pos})")
+    assert _names(plots.pca_scatter(exp.direction.pca)) == [
+        "harmful original", "harmful circuit-broken", "benign original", "benign circuit-broken"]
+    assert "shared (mean pairwise cos)" in _names(plots.direction_lines(exp.direction))
+    with pytest.raises(ValueError, match="model must be"):
+        plots.logit_lens_heatmap(exp.logit_lens, "broken")

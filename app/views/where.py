@@ -48,15 +48,13 @@ def render(sel: state.Selection) -> None:
     _generation(right, "Circuit-broken model (adapter on)", gtrace.prefill, gtrace.text_cb,
                 request.gen)
 
-    layers_text = ", ".join(map(str, figs.layers))
-    if figs.point is not None:
-        st.markdown(f"#### The breaker {figs.point.describe()}")
-        st.caption(f"Threshold {sel.threshold:g} on layers {layers_text}: the first response "
-                   "token whose cosine falls below it (the × in the plot).")
-    else:
-        st.markdown(f"#### The breaker {compute.no_fire_sentence(trace, figs.layers, sel.threshold)}")
-        st.caption("Try a harmful request with a prefill, raise the threshold or add layers in "
-                   "the sidebar.")
+    title, caption = compute.headline(trace, figs.layers, sel.threshold)
+    st.markdown(f"#### {title}")
+    st.caption(caption)
+    if st.button("Why does it fire? →", key="where_why", type="primary",
+                 help="Which blocks' adapters, attention or MLP, which tokens, and where the "
+                      "representation goes, for exactly these tokens."):
+        state.navigate("why", pos=None)  # the new request starts at its own firing point
 
     st.plotly_chart(figs.lines, key="fig6_lines")
     st.caption("Next: hover a point for its token; change the plotted layers or the threshold in "
