@@ -20,7 +20,13 @@ block input is replaced by the circuit-broken one at ``blocks.{b}.hook_resid_pre
 :func:`capture_models` runs the original, the circuit-broken and that patched forward as three
 rows of one batched forward (per-row LoRA scale 0, 1, 0).
 
-Everything is computed in float64 from the models' float32 activations.
+Each component is what the attention or MLP *added* to the model's float32 residual stream
+(``hook_resid_mid - hook_resid_pre``, ``hook_resid_post - hook_resid_mid``, in float64; see
+:meth:`~cbscope.why.tokens.Captured.added`). It equals ``hook_attn_out`` / ``hook_mlp_out`` up to
+the rounding of the model's own float32 addition (about 1e-7 of ``|h|``), and the increments
+telescope, so the components sum to ``D_L`` to float64 precision at every token, including
+tokens the breaker barely moves (where that rounding would otherwise be a large part of
+``D_L``). Everything is computed in float64 from the models' float32 activations.
 """
 
 from __future__ import annotations
@@ -242,10 +248,10 @@ class Decomposition:
 
 
 def _stack(captured: Captured, layer: int, row: int) -> Float[Tensor, "component pos d_model"]:
-    parts = [captured.embed[row]]
+    parts = [captured.embed[row].double()]
     for block in range(layer):
-        parts += [captured.attn[block][row], captured.mlp[block][row]]
-    return torch.stack(parts).double()
+        parts += [captured.added("attn", block)[row], captured.added("mlp", block)[row]]
+    return torch.stack(parts)
 
 
 def direct_outputs(pair: Any, seq: TokenSeq, cb: Captured, layer: int) -> Captured:
@@ -270,7 +276,8 @@ def _row(captured: Captured, index: int) -> Captured:
         return t[index : index + 1]
 
     return Captured(pick(captured.embed), [pick(t) for t in captured.attn],
-                    [pick(t) for t in captured.mlp], [pick(t) for t in captured.resid])
+                    [pick(t) for t in captured.mlp], [pick(t) for t in captured.resid],
+                    [pick(t) for t in captured.mid])
 
 
 def capture_models(
@@ -338,9 +345,12 @@ def decompose_captured(
     orth_share = torch.where(orth_noise, nan, orth_share)
     error = torch.where(noise, nan, error)
     if off is not None:
-        attn_direct = torch.stack([cb.attn[b][0].double() - off.attn[b][0].double()
+        # the patched forward's block inputs are the circuit-broken ones (replaced at
+        # hook_resid_pre, after its own hook_resid_post was captured), so its attention added
+        # off.mid - cb.pre and its MLP off.resid - off.mid
+        attn_direct = torch.stack([cb.mid[b][0].double() - off.mid[b][0].double()
                                    for b in range(layer)]).cpu()
-        mlp_direct = torch.stack([cb.mlp[b][0].double() - off.mlp[b][0].double()
+        mlp_direct = torch.stack([cb.added("mlp", b)[0] - off.added("mlp", b)[0]
                                   for b in range(layer)]).cpu()
         direct_attn = torch.where(noise, nan, (attn_direct * delta).sum(-1) / safe)
         direct_mlp = torch.where(noise, nan, (mlp_direct * delta).sum(-1) / safe)

@@ -309,11 +309,26 @@ class Captured:
     attn: list[Float[Tensor, "batch pos d_model"]] = field(default_factory=list)
     mlp: list[Float[Tensor, "batch pos d_model"]] = field(default_factory=list)
     resid: list[Float[Tensor, "batch pos d_model"]] = field(default_factory=list)
+    mid: list[Float[Tensor, "batch pos d_model"]] = field(default_factory=list)
 
     @property
     def n_blocks(self) -> int:
         """Blocks captured."""
         return len(self.resid)
+
+    def pre(self, block: int) -> Float[Tensor, "batch pos d_model"]:
+        """The residual stream entering ``block`` (``blocks.{block}.hook_resid_pre``)."""
+        return self.embed if block == 0 else self.resid[block - 1]
+
+    def added(self, kind: str, block: int) -> Float[Tensor, "batch pos d_model"]:
+        """What ``block``'s attention (``kind="attn"``) or MLP added to the float32 residual
+        stream, in float64: ``hook_resid_mid - hook_resid_pre`` or ``hook_resid_post -
+        hook_resid_mid``. It equals ``hook_attn_out`` / ``hook_mlp_out`` up to the rounding of
+        the model's own addition, and the increments telescope: ``embed + sum of increments``
+        is ``resid`` to float64 precision."""
+        if kind == "attn":
+            return self.mid[block].double() - self.pre(block).double()
+        return self.resid[block].double() - self.mid[block].double()
 
 
 @torch.no_grad()
@@ -339,7 +354,7 @@ def capture(
     names = ["blocks.0.hook_resid_pre"]
     for block in range(up_to_layer):
         names += [f"blocks.{block}.hook_attn_out", f"blocks.{block}.hook_mlp_out",
-                  f"blocks.{block}.hook_resid_post"]
+                  f"blocks.{block}.hook_resid_mid", f"blocks.{block}.hook_resid_post"]
     hooks = [*extra_hooks, *[(name, keep) for name in names]]
     run_hooked(pair, input_ids, hooks, f"blocks.{up_to_layer - 1}.hook_resid_post", attention_mask)
     hook_dict = pair.bridge.hook_dict  # a property that walks the module tree: read it once
@@ -353,6 +368,7 @@ def capture(
         attn=[got[f"blocks.{b}.hook_attn_out"] for b in range(up_to_layer)],
         mlp=[got[f"blocks.{b}.hook_mlp_out"] for b in range(up_to_layer)],
         resid=[got[f"blocks.{b}.hook_resid_post"] for b in range(up_to_layer)],
+        mid=[got[f"blocks.{b}.hook_resid_mid"] for b in range(up_to_layer)],
     )
 
 
