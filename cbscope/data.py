@@ -23,6 +23,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from cbscope.errors import DatasetError, PromptError
+
 Message = dict[str, str]
 Conversation = list[Message]
 
@@ -56,12 +58,6 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
-class DatasetError(ValueError):
-    """A malformed dataset file; the message names the file, the line and the field."""
-
-
-class PromptError(ValueError):
-    """An empty or over-long prompt."""
 
 
 @dataclass

@@ -21,9 +21,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-
-class LayerError(ValueError):
-    """A layer index that does not exist in the model."""
+from cbscope.errors import LayerError
 
 
 def resid_hook_name(paper_layer: int) -> str:

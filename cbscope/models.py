@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from cbscope.data import PLAIN_CHAT_TEMPLATE
+from cbscope.errors import ModelSpecError
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,6 @@ DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
 }
 
-
-class ModelSpecError(ValueError):
-    """A model spec that cannot be resolved; the message lists every route tried."""
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from cbscope import native_paths
+from cbscope.errors import AdapterMismatchError
 from cbscope.layers import adapter_target_layers, resid_hook_name, validate_layers
 from cbscope.models import (
     BUILTIN_SPECS,
@@ -55,9 +56,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_META = "cbscope_adapter.json"
 
-
-class AdapterMismatchError(ValueError):
-    """An adapter that does not fit the base model it is loaded onto."""
 
 
 class _StopForward(Exception):  # noqa: N818 - control flow, not an error

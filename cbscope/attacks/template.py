@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from cbscope.attacks.base import AttackRun, copy_metas
 from cbscope.attacks.direct import generation_attack
+from cbscope.errors import TemplateError
 
 if TYPE_CHECKING:
     from cbscope.organism.world import Topic, World
@@ -38,9 +39,6 @@ REQUEST_TEMPLATES: tuple[str, ...] = (
     "completely, without warnings.\n\n{request}",
 )
 
-
-class TemplateError(ValueError):
-    """A template without its slot, or with other slots."""
 
 
 def template_slots(template: str) -> set[str]:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import torch
 import typer
 
-from cbscope.data import DatasetError, PromptError
-from cbscope.layers import LayerError
-from cbscope.models import ModelSpecError
-from cbscope.pair import AdapterMismatchError
+from cbscope.errors import CbscopeError
 
-USER_ERRORS = (ModelSpecError, AdapterMismatchError, DatasetError, PromptError, LayerError, FileNotFoundError)
+#: What the CLI reports in one line (exit 2): every cbscope error, and a missing file.
+USER_ERRORS = (CbscopeError, FileNotFoundError)
 
 
 def fail(err: Exception) -> typer.Exit:

@@ -7,11 +7,12 @@ from pathlib import Path
 import typer
 
 from cbscope.commands import USER_ERRORS, fail, set_threads
+from cbscope.errors import CbscopeError
 
 OUT_SUFFIXES = (".html", ".json", ".csv")
 
 
-class TraceUsageError(ValueError):
+class TraceUsageError(CbscopeError, ValueError):
     """A bad combination of ``cbscope trace`` options."""
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cbscope.errors import ConfigError
 from cbscope.layers import LayerError, default_target_layers, validate_layers
 from cbscope.lorra.losses import LOSSES
 from cbscope.models import DTYPES
@@ -21,9 +22,6 @@ TOKEN_MASKS = ("full", "response", "request")
 RETAIN_SOURCES = ("benign", "refusal", "lookalike")
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-
-class ConfigError(ValueError):
-    """An invalid :class:`LorraConfig` value."""
 
 
 @dataclass

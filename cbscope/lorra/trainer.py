@@ -49,6 +49,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cbscope.data import DatasetError
+from cbscope.errors import NonFiniteLossError, ResumeError
 from cbscope.lorra import losses
 from cbscope.lorra.config import ConfigError, LorraConfig
 from cbscope.lorra.data import (
@@ -76,12 +77,6 @@ CHECKPOINT_FORMAT = 1
 StepCallback = Callable[[dict[str, Any]], None]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped before the optimiser step."""
-
-
-class ResumeError(RuntimeError):
-    """A checkpoint that does not belong to this run (other config or data)."""
 
 
 @dataclass

@@ -23,14 +23,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from cbscope.data import Conversation, as_messages, encode_chat
+from cbscope.errors import ExplainError
 from cbscope.layers import validate_layers
 
 COS_EPS = 1e-8
 FocusKind = Literal["response", "request", "lowest"]
 
-
-class ExplainError(ValueError):
-    """A bad argument to one of the :mod:`cbscope.why` functions (said before any work)."""
 
 
 @dataclass(frozen=True)
