@@ -40,7 +40,6 @@ from cbscope.generalise import (
     MATRIX_FILE,
     ROWS_DIR,
     GeneraliseError,
-    _atomic_write,
     _clean_json,
     _floats,
     _json_default,
@@ -49,6 +48,7 @@ from cbscope.generalise import (
     read_rows,
     run_name,
 )
+from cbscope.io import atomic_write_text
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -177,9 +177,9 @@ class SourceMatrix:
         files = {"json": out / MATRIX_FILE, "html": out / HTML_FILE}
         for run, rows in self.rows.items():
             path = out / ROWS_DIR / f"{run}.jsonl"
-            _atomic_write(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+            atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
             files[f"rows:{run}"] = path
-        _atomic_write(files["json"], json.dumps(self.to_dict(), indent=1, default=_json_default))
+        atomic_write_text(files["json"], json.dumps(self.to_dict(), indent=1, default=_json_default))
         save_html(self.figure(), files["html"], title="cbscope cross-source matrix")
         return files
 
@@ -406,7 +406,7 @@ def source_matrix(
             folder = result.pair.save_adapter(out / ADAPTERS_DIR / run, extra={
                 "generalise_run": run, "generalise_mode": mode})
             config.save(folder)
-            _atomic_write(folder / "train_info.json",
+            atomic_write_text(folder / "train_info.json",
                           json.dumps(result.info, indent=2, default=_json_default) + "\n")
             metrics[run]["adapter"] = f"{ADAPTERS_DIR}/{run}"
         logger.info("%s: trained on %s in %.0f s", run, trained_names, train_seconds)

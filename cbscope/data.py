@@ -283,12 +283,10 @@ def from_records(records: Sequence[dict[str, Any]]) -> list[ChatExample]:
 
 def write_jsonl(path: str | os.PathLike[str], examples: Sequence[ChatExample]) -> Path:
     """Write examples as JSONL (atomically: temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for example in examples:
-            prompt: Any = example.messages if len(example.messages) > 1 else example.prompt
-            handle.write(json.dumps({"prompt": prompt, "response": example.response, **example.meta}) + "\n")
-    tmp.replace(path)
-    return path
+    from cbscope.io import atomic_write_jsonl
+
+    return atomic_write_jsonl(path, (
+        {"prompt": ex.messages if len(ex.messages) > 1 else ex.prompt, "response": ex.response,
+         **ex.meta}
+        for ex in examples
+    ))

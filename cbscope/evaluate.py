@@ -69,6 +69,7 @@ from cbscope.attacks import (
 from cbscope.attacks.base import model_mode
 from cbscope.attacks.direct import generate_responses
 from cbscope.data import encode_chat, pad_id_of, pad_right
+from cbscope.io import atomic_write_text
 from cbscope.judges import (
     ComplianceJudge,
     DegenerateJudge,
@@ -1061,9 +1062,7 @@ class Report:
             "html": self.html(),
         }
         for key, path in files.items():
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(texts[key], encoding="utf-8")
-            tmp.replace(path)
+            atomic_write_text(path, texts[key])
         return files
 
     # ------------------------------------------------------------------ tables

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from cbscope.errors import GeneraliseError
+from cbscope.io import atomic_write_text
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -206,9 +207,9 @@ class GeneralisationResult:
         for run, rows in self.rows.items():
             path = out / ROWS_DIR / f"{run}.jsonl"
             text = "".join(json.dumps(row, default=_json_default) + "\n" for row in rows)
-            _atomic_write(path, text)
+            atomic_write_text(path, text)
             files[f"rows:{run}"] = path
-        _atomic_write(files["json"], json.dumps(self.to_dict(), indent=1, default=_json_default))
+        atomic_write_text(files["json"], json.dumps(self.to_dict(), indent=1, default=_json_default))
         save_html(self.figure(), files["html"], title="cbscope generalisation matrix")
         return files
 
@@ -282,12 +283,6 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _clean_json(value: Any) -> Any:

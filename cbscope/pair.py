@@ -40,6 +40,7 @@ from torch import Tensor
 
 from cbscope import native_paths
 from cbscope.errors import AdapterMismatchError
+from cbscope.io import replace_folder
 from cbscope.layers import adapter_target_layers, resid_hook_name, validate_layers
 from cbscope.models import (
     BUILTIN_SPECS,
@@ -280,15 +281,7 @@ class ModelPair:
             **(extra or {}),
         }
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            backup = out.with_name(out.name + ".old")
-            shutil.rmtree(backup, ignore_errors=True)
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(out)
-        return out
+        return replace_folder(tmp, out)
 
 
 def shared_weight_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cbscope.errors import ConfigError
+from cbscope.io import atomic_write_json
 from cbscope.layers import LayerError, default_target_layers, validate_layers
 from cbscope.lorra.losses import LOSSES
 from cbscope.models import DTYPES
@@ -216,12 +217,7 @@ class LorraConfig:
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``lorra_config.json`` into ``folder``."""
-        path = Path(folder) / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        return atomic_write_json(Path(folder) / CONFIG_FILE, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LorraConfig:

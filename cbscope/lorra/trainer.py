@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from cbscope.data import DatasetError
 from cbscope.errors import NonFiniteLossError, ResumeError
+from cbscope.io import atomic_write
 from cbscope.lorra import losses
 from cbscope.lorra.config import ConfigError, LorraConfig
 from cbscope.lorra.data import (
@@ -299,14 +300,6 @@ def cb_term(config: LorraConfig, orig: Tensor, broken: Tensor, mask: Tensor, tar
 
 
 # ---------------------------------------------------------------------- checkpoints
-def _atomic_write_bytes(path: Path, writer: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    writer(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -340,10 +333,10 @@ def save_checkpoint(
         tensors[key] = value.detach().cpu().contiguous()
     name = f"step-{step:06d}"
     tensor_path = folder / f"{name}.safetensors"
-    _atomic_write_bytes(tensor_path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(tensor_path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     meta = {**state, "format": CHECKPOINT_FORMAT, "step": step, "tensors": tensor_path.name,
             "tensors_sha256": _sha256(tensor_path)}
-    _atomic_write_bytes(folder / f"{name}.json", lambda p: p.write_text(json.dumps(meta)))
+    atomic_write(folder / f"{name}.json", lambda p: p.write_text(json.dumps(meta)))
     for old in folder.glob("step-*"):
         if not old.name.startswith(name):
             old.unlink(missing_ok=True)

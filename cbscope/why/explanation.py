@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from cbscope.data import Conversation
+from cbscope.io import atomic_write_json
 from cbscope.why.attribution import Attribution, attribute
 from cbscope.why.decomposition import Decomposition, capture_models, decompose_captured
 from cbscope.why.direction import (
@@ -237,11 +238,7 @@ class Explanation:
         path = Path(path)
         if not path.suffix:
             path = path.with_suffix(".json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), default=_json_default), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return atomic_write_json(path, self.to_dict(), indent=None, default=_json_default)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Explanation:
