@@ -34,6 +34,7 @@ from cbscope.data import (
     from_records,
     load_examples,
 )
+from cbscope.sources import DATA_ENV
 from cbscope.trace import CosineTrace, FiringPoint, GenerationTrace, trace_generation
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ MAX_GEN_TOKENS = 128
 MAX_DATASET_EXAMPLES = 256
 """Most examples per set the Dataset view traces."""
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_ENV = "CBSCOPE_DATA"
 
 UPLOAD_SOURCE = "upload"
 NO_SOURCE = "none"
@@ -403,9 +403,13 @@ def training_curves(rows: Sequence[dict[str, Any]], total_steps: int | None = No
 
 # ---------------------------------------------------------------------- data sets
 def data_dir() -> Path:
-    """Public evaluation data: ``$CBSCOPE_DATA``, else ``../shared/data`` beside the repository."""
+    """Public evaluation data (:func:`cbscope.sources.data_dir`); where there is none, the
+    folder it would be read from (``$CBSCOPE_DATA``, else ``../shared/data``), for messages."""
+    from cbscope import sources
+
+    found = sources.data_dir()
     env = os.environ.get(DATA_ENV)
-    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
+    return found or (Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data")
 
 
 FILE_SOURCES: dict[str, tuple[str, str, dict[str, str]]] = {

@@ -248,10 +248,11 @@ def _timing(pair: Any, ids: torch.Tensor, mask: torch.Tensor, repeats: int) -> d
 # ---------------------------------------------------------------------- breaker
 def phase_breaker(adapter: Path, eval_report: Path | None, n_trace: int) -> dict[str, Any]:
     """Training summary, trace firing on held-out harmful and benign prompts, eval numbers."""
-    from cbscope.data import ChatExample, as_messages, load_prompt_csv
+    from cbscope.data import ChatExample, as_messages
     from cbscope.generation import generate_text
-    from cbscope.lorra.presets import ADVBENCH, ALPACA, load_alpaca
+    from cbscope.lorra.presets import load_alpaca
     from cbscope.pair import load_pair
+    from cbscope.sources import data_dir, load_source
     from cbscope.trace import firing_stats
 
     info = json.loads((adapter / "train_info.json").read_text())
@@ -273,10 +274,9 @@ def phase_breaker(adapter: Path, eval_report: Path | None, n_trace: int) -> dict
     }
     pair = load_pair(SPEC, adapter)
     targets = info.get("target_layers") or [6, 11]
-    wanted = set(info.get("heldout_prompts") or [])
-    harmful = [ex for ex in load_prompt_csv(ADVBENCH) if ex.prompt in wanted][:n_trace]
-    harmful = [ChatExample(ex.messages, str(ex.meta.get("target", "")), ex.meta) for ex in harmful]
-    alpaca = load_alpaca(ALPACA)
+    harmful = load_source("advbench").heldout()[:n_trace]  # rows the preset never trains on
+    harmful = [ChatExample(ex.messages, str(ex.meta.get("prefill", "")), ex.meta) for ex in harmful]
+    alpaca = load_alpaca(data_dir() / "alpaca_harmless" / "harmless_train.json")
     benign_prompts = [ex.prompt for ex in alpaca[7::max(1, len(alpaca) // n_trace)][:n_trace]]
     with pair.original():
         answers = generate_text(pair.generator, pair.tokenizer, benign_prompts, max_new_tokens=32)

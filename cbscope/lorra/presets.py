@@ -54,16 +54,13 @@ from pathlib import Path
 from typing import Any
 
 from cbscope.data import ChatExample, DatasetError, as_messages, from_records
+from cbscope.errors import MissingFileError
 from cbscope.lorra.config import ConfigError, LorraConfig
 from cbscope.lorra.data import LorraData, generate_responses, text_example
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-ADVBENCH = SHARED_DATA / "advbench" / "harmful_behaviors.csv"
-ALPACA = SHARED_DATA / "alpaca_harmless" / "harmless_train.json"
-XSTEST = SHARED_DATA / "xstest" / "xstest_prompts.csv"
 
 
 @dataclass(frozen=True)
@@ -526,8 +523,11 @@ def chat_data(
         return _replace(spec, path=str(path), builtin=False) if path else spec
 
     loaded = [load_source(_spec(spec), root) for spec in specs]
-    alp = _require(Path(alpaca) if alpaca else (root or SHARED_DATA) / "alpaca_harmless" /
-                   "harmless_train.json", "--alpaca")
+    if alpaca is None and root is None:
+        raise MissingFileError("the Alpaca harmless instructions are read from the data folder "
+                               "(../shared/data or $CBSCOPE_DATA), and there is none: give --alpaca")
+    alp = _require(Path(alpaca) if alpaca else root / "alpaca_harmless" / "harmless_train.json",
+                   "--alpaca")
     gen = {"max_new_tokens": max_new_tokens, "show_progress": show_progress}
     cb: list[ChatExample] = []
     records: dict[str, Any] = {}
