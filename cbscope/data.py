@@ -119,7 +119,7 @@ def check_prompt(text: str, *, max_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> str
     return text
 
 
-def _template_ids(tokenizer: Any, messages: Conversation, *, add_generation_prompt: bool) -> list[int]:
+def template_ids(tokenizer: Any, messages: Conversation, *, add_generation_prompt: bool) -> list[int]:
     text = tokenizer.apply_chat_template(
         messages, add_generation_prompt=add_generation_prompt, tokenize=False
     )
@@ -139,9 +139,9 @@ def encode_chat(
     tokenizer. Truncation (``max_length``) cuts the response first, then the request's left side.
     """
     messages = as_messages(prompt)
-    request_ids = _template_ids(tokenizer, messages, add_generation_prompt=True)
+    request_ids = template_ids(tokenizer, messages, add_generation_prompt=True)
     turn_starts = [
-        len(_template_ids(tokenizer, messages[:index], add_generation_prompt=False)) if index else 0
+        len(template_ids(tokenizer, messages[:index], add_generation_prompt=False)) if index else 0
         for index in range(len(messages))
     ]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []

@@ -177,3 +177,24 @@ def test_csv_without_a_model_or_prompt_column(tmp_path: Path) -> None:
     csv.write_text("nothing\nhello\n")
     with pytest.raises(DatasetError, match="no prompt column"):
         ldata.as_examples(csv, require_response=False, what="retain")
+
+
+def test_content_mask_skips_the_templates_shared_prefix(tiny_llama: Path) -> None:
+    """The ``content`` mask starts at the last user message's text: the template's role header
+    (and any default system prompt) is left out, single- and multi-turn alike."""
+    from transformers import AutoTokenizer
+
+    from cbscope.data import ChatExample, as_messages
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    one = ldata.encode(tokenizer, ChatExample(as_messages("how do i bake bread"), "sure here is"), 64)
+    assert tokenizer.convert_ids_to_tokens(one.ids[: one.content_start]) == ["<user>"]
+    assert tokenizer.convert_ids_to_tokens(one.ids[one.content_start]) == "how"
+    turns = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
+             {"role": "user", "content": "bake bread"}]
+    many = ldata.encode(tokenizer, ChatExample(turns, "sure"), 64)
+    assert tokenizer.convert_ids_to_tokens(many.ids[many.content_start]) == "bake"
+    mask = ldata.token_mask([one], len(one.ids), "content")[0].tolist()
+    assert mask == [0] * one.content_start + [1] * (len(one.ids) - one.content_start)
+    cut = ldata.encode(tokenizer, ChatExample(as_messages("how do i bake bread"), "sure"), 4)
+    assert 0 <= cut.content_start <= cut.response_start  # a cut request keeps a valid start

@@ -19,7 +19,7 @@ from cbscope.lorra.losses import LOSSES
 from cbscope.models import DTYPES
 
 CONFIG_FILE = "lorra_config.json"
-TOKEN_MASKS = ("full", "response", "request")
+TOKEN_MASKS = ("full", "response", "request", "content")
 RETAIN_SOURCES = ("benign", "refusal", "lookalike")
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -65,7 +65,9 @@ class LorraConfig:
         max_length: Token limit of retain examples (1024).
         cb_max_length: Token limit of circuit-breaker examples (``None``: ``max_length``).
         token_mask: Tokens of the circuit-breaker examples the loss covers: ``"full"`` (request and
-            response, official), ``"response"`` or ``"request"``.
+            response, official), ``"response"``, ``"request"`` or ``"content"`` (the last user
+            message's text and the response: not the chat template's shared prefix, such as a
+            default system prompt every example starts with).
         retain_token_mask: The same for retain examples (``"full"``, official); a dict gives a
             mask per retain source (``{"refusal": "response"}``; unnamed sources use ``"full"``).
         response_only_fraction: Fraction of circuit-breaker examples whose request is dropped

@@ -43,6 +43,7 @@ from cbscope.data import (
     load_jsonl,
     pad_id_of,
     pad_right,
+    template_ids,
     write_jsonl,
 )
 from cbscope.lorra.config import RETAIN_SOURCES, LorraConfig
@@ -260,10 +261,12 @@ def as_retain(data: RetainInput, **kwargs: Any) -> dict[str, list[ChatExample]]:
 # ---------------------------------------------------------------------- encoding and batches
 @dataclass
 class EncodedExample:
-    """Token ids of an example and its response boundary."""
+    """Token ids of an example, its response boundary and where the last user message's text
+    starts (``content_start``; 0 for plain text)."""
 
     ids: list[int]
     response_start: int
+    content_start: int = 0
 
 
 TEXT_FORMAT = "text"
@@ -284,6 +287,17 @@ def _encode_text(tokenizer: Any, text: str, max_length: int) -> EncodedExample:
     return EncodedExample(ids[:max_length], 0)
 
 
+def _content_offset(tokenizer: Any, history: Any) -> int:
+    """Tokens of the rendered conversation before the text of a user message that follows
+    ``history``: the common prefix of its renderings with an empty and a non-empty text (the
+    template's system prompt and role header do not depend on the message; the first token of
+    any text differs from the end-of-turn token that follows an empty one)."""
+    a, b = (template_ids(tokenizer, [*history, {"role": "user", "content": text}],
+                         add_generation_prompt=True) for text in ("", "x"))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
+
+
 def encode(tokenizer: Any, example: ChatExample, max_length: int, *, drop_request: bool = False) -> EncodedExample:
     """Chat-template an example; ``drop_request`` replaces the conversation by an empty user turn.
 
@@ -293,14 +307,17 @@ def encode(tokenizer: Any, example: ChatExample, max_length: int, *, drop_reques
         return _encode_text(tokenizer, example.response, max_length)
     messages: Any = [{"role": "user", "content": ""}] if drop_request else example.messages
     enc = encode_chat(tokenizer, messages, example.response, max_length=max_length)
-    return EncodedExample(enc.input_ids, enc.response_start)
+    # a request longer than max_length lost its left side: shift the offset by what was cut
+    cut = len(template_ids(tokenizer, messages, add_generation_prompt=True)) - enc.response_start
+    start = min(max(0, _content_offset(tokenizer, messages[:-1]) - cut), enc.response_start)
+    return EncodedExample(enc.input_ids, enc.response_start, start)
 
 
 def token_mask(
     examples: Sequence[EncodedExample], width: int, mode: str | Sequence[str]
 ) -> Int[Tensor, "batch pos"]:
-    """0/1 mask of the tokens a loss covers: ``full``, ``response`` or ``request`` (one mode, or
-    one per example)."""
+    """0/1 mask of the tokens a loss covers: ``full``, ``response``, ``request`` or ``content``
+    (the last user message's text and the response; one mode, or one per example)."""
     modes = [mode] * len(examples) if isinstance(mode, str) else list(mode)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, (ex, row_mode) in enumerate(zip(examples, modes, strict=True)):
@@ -308,6 +325,7 @@ def token_mask(
             "full": (0, len(ex.ids)),
             "response": (ex.response_start, len(ex.ids)),
             "request": (0, ex.response_start),
+            "content": (ex.content_start, len(ex.ids)),
         }[row_mode]
         mask[row, start:end] = 1
     return mask
