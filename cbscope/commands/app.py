@@ -244,7 +244,11 @@ def launch(
 
 def app(
     port: int = typer.Option(DEFAULT_PORT, help="Port to serve on."),
-    host: str = typer.Option(DEFAULT_HOST, help="Address to bind (127.0.0.1: this machine only)."),
+    host: str = typer.Option(
+        DEFAULT_HOST,
+        help="Address to bind (127.0.0.1: this machine only; any other warns: the app has no "
+             "authentication).",
+    ),
     model: str | None = typer.Option(None, help="Model spec to start with (default: organism)."),
     adapter: Path | None = typer.Option(None, help="Circuit-breaker adapter folder to start with."),
     browser: bool | None = typer.Option(
