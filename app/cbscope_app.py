@@ -13,17 +13,24 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `import app.*` wherever Streamlit was started from
-    sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+if (HERE.parent / "__init__.py").is_file():
+    PACKAGE = f"{HERE.parent.name}.{HERE.name}"  # installed: the wheel ships app/ as cbscope.app
+else:
+    PACKAGE = HERE.name  # a checkout: app/ beside cbscope/, wherever Streamlit was started from
+    if str(HERE.parent) not in sys.path:
+        sys.path.insert(0, str(HERE.parent))
+# Streamlit runs this file as a script; naming its package makes the relative imports work
+# (PEP 366) under either name.
+__package__ = PACKAGE  # noqa: A001
 
 import streamlit as st  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from app import state  # noqa: E402
-from app.views import dataset, generalisation, probe, train, where, why  # noqa: E402
+from . import state  # noqa: E402
+from .views import dataset, generalisation, probe, train, where, why  # noqa: E402
 
 RENDERERS = {"where": where.render, "why": why.render, "dataset": dataset.render,
              "train": train.render,

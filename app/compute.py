@@ -30,7 +30,8 @@ from cbscope.data import (
     DatasetError,
     PromptError,
     check_prompt,
-    encode_chat,
+    check_request_length,
+    context_length,
     from_records,
     load_examples,
 )
@@ -111,12 +112,15 @@ def parse_conversation(text: str) -> str | list[dict[str, str]]:
 
 def token_limit(pair: Any) -> int:
     """Longest sequence the app traces on this model: its context, capped at ``APP_MAX_TOKENS``."""
-    context = getattr(pair.model.config, "max_position_embeddings", None) or APP_MAX_TOKENS
-    return int(min(context, APP_MAX_TOKENS))
+    return int(min(context_length(pair) or APP_MAX_TOKENS, APP_MAX_TOKENS))
 
 
 def check_request(pair: Any, prompt: str, prefill: str, gen_tokens: int) -> int:
     """Reject an empty or over-long request with a sentence that says what to do.
+
+    The library's :func:`cbscope.data.check_request_length` (shared with ``cbscope trace``),
+    with the app's tighter limits: :data:`APP_MAX_PROMPT_CHARS` characters and
+    :func:`token_limit` tokens.
 
     Returns:
         The number of tokens of the chat-formatted prompt plus prefill.
@@ -126,22 +130,11 @@ def check_request(pair: Any, prompt: str, prefill: str, gen_tokens: int) -> int:
     """
     check_prompt(prompt, max_chars=APP_MAX_PROMPT_CHARS)
     parsed = parse_conversation(prompt)
-    if len(prefill) > APP_MAX_PROMPT_CHARS:
-        raise PromptError(
-            f"the prefill has {len(prefill)} characters; the limit is {APP_MAX_PROMPT_CHARS}: "
-            "shorten it"
-        )
     if not 0 <= gen_tokens <= MAX_GEN_TOKENS:
         raise PromptError(f"generate between 0 and {MAX_GEN_TOKENS} tokens, not {gen_tokens}")
-    n_tokens = len(encode_chat(pair.tokenizer, parsed, prefill).input_ids)
-    limit = token_limit(pair)
-    if n_tokens + gen_tokens > limit:
-        raise PromptError(
-            f"the prompt and prefill are {n_tokens} tokens and {gen_tokens} more are generated; "
-            f"the limit for this model is {limit} tokens: shorten the prompt or the prefill, "
-            "or generate fewer tokens"
-        )
-    return n_tokens
+    encoded = check_request_length(pair.tokenizer, parsed, prefill, context=token_limit(pair),
+                                   gen_tokens=gen_tokens, max_chars=APP_MAX_PROMPT_CHARS)
+    return len(encoded.input_ids)
 
 
 def trace_request(pair: Any, prompt: str, prefill: str = "", gen_tokens: int = 16) -> GenerationTrace:

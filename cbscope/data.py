@@ -119,6 +119,92 @@ def check_prompt(text: str, *, max_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> str
     return text
 
 
+def context_length(model: Any) -> int | None:
+    """The longest sequence ``model`` (a Hugging Face model, or anything with a ``model``
+    attribute such as a :class:`~cbscope.pair.ModelPair`) takes: its config's
+    ``max_position_embeddings`` (None when the config does not say)."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _prompt_chars(prompt: str | Conversation) -> int:
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(str(message.get("content", ""))) for message in prompt)
+
+
+def check_request_text(
+    prompt: str | Conversation, prefill: str = "", *, max_chars: int = DEFAULT_MAX_PROMPT_CHARS
+) -> None:
+    """The character half of :func:`check_request_length`, which needs no tokenizer: run it
+    before loading a model, so an over-long prompt or prefill is refused at once.
+
+    Raises:
+        PromptError: An empty or malformed prompt, or a prompt or prefill over ``max_chars``.
+    """
+    if isinstance(prompt, str):
+        check_prompt(prompt, max_chars=max_chars)
+    else:
+        as_messages(prompt)
+        if _prompt_chars(prompt) > max_chars:
+            raise PromptError(
+                f"the conversation has {_prompt_chars(prompt)} characters; the limit is "
+                f"{max_chars}: shorten it"
+            )
+    if len(prefill) > max_chars:
+        raise PromptError(
+            f"the prefill has {len(prefill)} characters; the limit is {max_chars}: shorten it"
+        )
+
+
+def check_request_length(
+    tokenizer: Any,
+    prompt: str | Conversation,
+    prefill: str = "",
+    *,
+    context: int | None,
+    gen_tokens: int = 0,
+    max_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+) -> Encoded:
+    """Check one request before any model work; the check ``cbscope trace`` and the app share.
+
+    The prompt (a string or a conversation) and the prefill are each limited to ``max_chars``
+    characters, checked before tokenising (:func:`check_request_text`: a 100k-character
+    prefill is refused at once); the chat-formatted prompt, the prefill and the ``gen_tokens``
+    to generate must then fit in ``context`` tokens, since positions past a model's context
+    give meaningless cosines.
+
+    Args:
+        tokenizer: The model's tokenizer (with its chat template).
+        prompt: The request or conversation.
+        prefill: Assistant text forced after the prompt.
+        context: Most tokens allowed (:func:`context_length`; None: no token limit).
+        gen_tokens: Tokens that will be generated after the prefill.
+        max_chars: Most characters of the prompt, and of the prefill.
+
+    Returns:
+        The request's :class:`Encoded` tokens (prompt plus prefill).
+
+    Raises:
+        PromptError: An empty or over-long prompt or prefill, a negative ``gen_tokens``, or a
+            request that does not fit in ``context`` (the message gives the counts).
+    """
+    check_request_text(prompt, prefill, max_chars=max_chars)
+    if gen_tokens < 0:
+        raise PromptError(f"the number of tokens to generate must be >= 0, not {gen_tokens}")
+    encoded = encode_chat(tokenizer, prompt, prefill)
+    n_tokens = len(encoded.input_ids)
+    if context is not None and n_tokens + gen_tokens > context:
+        generated = f" and {gen_tokens} more are generated" if gen_tokens else ""
+        raise PromptError(
+            f"the prompt and prefill are {n_tokens} tokens{generated}; the limit for this model "
+            f"is {context} tokens: shorten the prompt or the prefill"
+            + (", or generate fewer tokens" if gen_tokens else "")
+        )
+    return encoded
+
+
 def template_ids(tokenizer: Any, messages: Conversation, *, add_generation_prompt: bool) -> list[int]:
     text = tokenizer.apply_chat_template(
         messages, add_generation_prompt=add_generation_prompt, tokenize=False

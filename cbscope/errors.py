@@ -63,3 +63,8 @@ class NonFiniteLossError(CbscopeError, RuntimeError):
 
 class MissingFileError(CbscopeError, FileNotFoundError):
     """A file or folder the user named (or a default data file) does not exist."""
+
+
+#: What the CLI reports in one line (exit 2) and the app shows as a sentence: every cbscope
+#: error, and a file that does not exist. Defined here once; ``cbscope.commands`` re-exports it.
+USER_ERRORS: tuple[type[Exception], ...] = (CbscopeError, FileNotFoundError)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from cbscope.errors import ConfigError
 
 
 def _fsync(path: Path) -> None:
@@ -79,3 +82,44 @@ def replace_folder(written: str | os.PathLike[str], target: str | os.PathLike[st
     else:
         written.rename(target)
     return target
+
+
+def check_output_file(
+    path: str | os.PathLike[str], *, suffixes: Iterable[str] | None = None, option: str = "--out"
+) -> Path:
+    """Check, before any work, that ``path`` can be written as a file; nothing is created.
+
+    Args:
+        path: The output file.
+        suffixes: Allowed endings (``".json"``; case-insensitive), or None for any.
+        option: How the user named it, for the message.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ConfigError: A wrong suffix, an existing folder given as the file, a path below a file,
+            or a file or folder this process may not write (the nearest existing folder is
+            probed with a temporary file, so root on a read-only mount is caught too).
+    """
+    out = Path(path).expanduser()
+    allowed = [suffix.lower() for suffix in suffixes] if suffixes is not None else None
+    if allowed is not None and out.suffix.lower() not in allowed:
+        raise ConfigError(f"{option} {out}: use a file ending in {', '.join(allowed)}")
+    if out.is_dir():
+        raise ConfigError(f"{option} {out} is an existing folder: give a file name inside it")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ConfigError(f"{option} {out}: the file is not writable")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {out}: {parent} is a file, not a folder")
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".cbscope-probe-")  # noqa: SIM115
+        probe.close()
+    except OSError as err:
+        raise ConfigError(
+            f"{option} {out}: cannot write into {parent} ({err.strerror or err})"
+        ) from err
+    return out

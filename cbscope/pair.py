@@ -31,7 +31,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -49,6 +49,11 @@ from cbscope.models import (
     parse_dtype,
     resolve_model,
 )
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -88,18 +93,76 @@ class _ModuleWalk:
     lora_parameters: list[Any]
 
 
+@runtime_checkable
+class PairLike(Protocol):
+    """What traces, attacks and explanations need of a model pair.
+
+    :class:`ModelPair` is the implementation; anything with these members (a test double, a
+    wrapper around another model) can be traced and attacked the same way.
+    """
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, with a chat template and a pad token."""
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go (the input embeddings' device)."""
+        ...
+
+    @property
+    def bridge(self) -> TransformerBridge:
+        """The TransformerLens bridge over the model (hook points, both states)."""
+        ...
+
+    @property
+    def generator(self) -> Any:
+        """The module to call ``generate`` on, in the current state."""
+        ...
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder blocks (paper layers run ``1 .. n_layers``)."""
+        ...
+
+    def original(self) -> contextlib.AbstractContextManager[Any]:
+        """A context in which the adapters are off (the frozen, original model)."""
+        ...
+
+    def resid(
+        self,
+        input_ids: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None,
+        layers: Sequence[int],
+    ) -> Float[Tensor, "layer batch pos d_model"]:
+        """Residual stream at paper-convention ``layers``."""
+        ...
+
+
 @dataclass
 class ModelPair:
     """A base model and its circuit-breaker adapter, with TransformerLens hook points.
 
     Use :func:`load_pair` to make one. Outside ``with pair.original():`` the adapters are on.
+    It implements :class:`PairLike`.
+
+    Attributes:
+        model: The Hugging Face causal LM (peft LoRA layers injected in place, if any).
+        tokenizer: Its tokenizer (a pad token is always set).
+        bridge: The TransformerLens bridge over a structural copy of ``model``.
+        resolved: Where the model spec pointed.
+        peft_model: The :class:`peft.PeftModel` around ``model`` (None without an adapter).
+        adapter_path: The adapter folder it was loaded from (None: fresh or none).
+        device: Where inputs go.
+        dtype: The weights' dtype.
     """
 
-    model: Any
-    tokenizer: Any
-    bridge: Any
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    bridge: TransformerBridge
     resolved: ResolvedModel
-    peft_model: Any | None = None
+    peft_model: PeftModel | None = None
     adapter_path: Path | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
@@ -127,7 +190,7 @@ class ModelPair:
         return self.peft_model is not None
 
     @property
-    def generator(self) -> Any:
+    def generator(self) -> PeftModel | PreTrainedModel:
         """The module to call ``generate`` on: the peft model (adapters on) or the base model."""
         return self.peft_model if self.peft_model is not None else self.model
 

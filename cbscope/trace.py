@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -41,12 +41,18 @@ from cbscope.data import (
     ChatExample,
     Conversation,
     as_messages,
+    check_request_length,
+    context_length,
     encode_chat,
     pad_id_of,
     pad_right,
 )
+from cbscope.errors import ConfigError
 from cbscope.layers import LayerError, validate_layers
 from cbscope.sidecar import read_sidecar, write_sidecar
+
+if TYPE_CHECKING:
+    from cbscope.pair import PairLike
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,24 @@ SEGMENTS = ("all", "request", "response")
 
 
 # ---------------------------------------------------------------------- firing point
+def check_threshold(threshold: Any, name: str = "threshold") -> float:
+    """A cosine threshold as a float, or a :class:`~cbscope.errors.ConfigError`.
+
+    A cosine lies in [-1, 1], so a threshold outside it (or NaN, which every comparison calls
+    False: "never fires") would answer a question nobody asked.
+
+    Raises:
+        ConfigError: If ``threshold`` is not a finite number in [-1, 1].
+    """
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{name} {threshold!r} is not a number: use one in [-1, 1]") from err
+    if not math.isfinite(value) or not -1.0 <= value <= 1.0:
+        raise ConfigError(f"{name} {threshold!r} must be a finite cosine in [-1, 1]")
+    return value
+
+
 @dataclass
 class FiringPoint:
     """Where a circuit breaker fires: the first response token whose cosine drops below a threshold.
@@ -251,7 +275,11 @@ class CosineTrace:
 
         Returns:
             The :class:`FiringPoint`, or ``None`` if the breaker never fires on the response.
+
+        Raises:
+            ConfigError: If ``threshold`` is not a finite number in [-1, 1].
         """
+        threshold = check_threshold(threshold)
         example = self._check_example(example)
         index = self.layer_indices(layers)
         start, end = self.response_start[example], self.lengths[example]
@@ -405,7 +433,7 @@ def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 
 @torch.no_grad()
 def pair_cosines(
-    pair: Any,
+    pair: PairLike,
     input_ids: Tensor,
     attention_mask: Tensor,
     layers: Sequence[int],
@@ -433,7 +461,7 @@ def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
 
 
 def cosine_trace_ids(
-    pair: Any,
+    pair: PairLike,
     input_ids: Sequence[Sequence[int]],
     response_starts: Sequence[int],
     *,
@@ -513,8 +541,22 @@ def _model_name(pair: Any) -> str:
     return str(getattr(resolved, "spec", "") or getattr(resolved, "name", "") or "")
 
 
+def warn_over_context(pair: PairLike, lengths: Sequence[int]) -> int:
+    """Warn (once per call) when sequences are longer than the model's context; returns how
+    many are. Their positions past the context mean nothing; ``max_length`` truncates."""
+    context = context_length(pair)
+    over = [n for n in lengths if context is not None and n > context]
+    if over:
+        logger.warning(
+            "%d of %d sequences are longer than the model's context of %d tokens (the longest "
+            "has %d): their cosines past it are not meaningful; pass max_length=%d to truncate",
+            len(over), len(lengths), context, max(over), context,
+        )
+    return len(over)
+
+
 def cosine_trace(
-    pair: Any,
+    pair: PairLike,
     prompts: Sequence[str | Conversation] | str,
     responses: Sequence[str] | str | None = None,
     *,
@@ -557,6 +599,7 @@ def cosine_trace(
         encode_chat(pair.tokenizer, prompt, response, max_length=max_length)
         for prompt, response in zip(prompts, responses, strict=True)
     ]
+    warn_over_context(pair, [len(enc.input_ids) for enc in encoded])
     return cosine_trace_ids(
         pair,
         [enc.input_ids for enc in encoded],
@@ -595,7 +638,7 @@ class GenerationTrace:
 
 
 @torch.no_grad()
-def _greedy_ids(pair: Any, ids: list[int], max_new_tokens: int) -> list[int]:
+def _greedy_ids(pair: PairLike, ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy continuation ids (without the prompt), cut before the first end-of-sequence."""
     tokenizer = pair.tokenizer
     model = pair.generator
@@ -626,7 +669,7 @@ def _as_list(value: Any) -> list[int]:
 
 
 def trace_generation(
-    pair: Any,
+    pair: PairLike,
     prompt: str | Conversation,
     *,
     prefill: str | None = None,
@@ -649,9 +692,15 @@ def trace_generation(
 
     Returns:
         A :class:`GenerationTrace`; its trace's ``prefill_end`` is where generation starts.
+
+    Raises:
+        PromptError: An empty or over-long prompt or prefill, or one that with
+            ``max_new_tokens`` does not fit in the model's context
+            (:func:`cbscope.data.check_request_length`), before anything runs.
     """
     prefill = prefill or ""
-    encoded = encode_chat(pair.tokenizer, prompt, prefill)
+    encoded = check_request_length(pair.tokenizer, prompt, prefill, context=context_length(pair),
+                                   gen_tokens=max(0, max_new_tokens))
     if max_new_tokens > 0:
         new_cb = _greedy_ids(pair, encoded.input_ids, max_new_tokens)
         with pair.original():
@@ -795,7 +844,7 @@ def _firing_rows(trace: CosineTrace, name: str, threshold: float) -> list[dict[s
 
 
 def firing_stats(
-    pair: Any,
+    pair: PairLike,
     examples: Sequence[ChatExample | dict[str, Any]],
     threshold: float = DEFAULT_THRESHOLD,
     *,
@@ -818,6 +867,7 @@ def firing_stats(
         batch_size: Examples per forward pass.
         show_progress: Show tqdm bars.
     """
+    threshold = check_threshold(threshold)
     if not examples:
         raise ValueError("firing_stats needs at least one example")
     chosen = validate_layers(range(1, pair.n_layers + 1) if layers is None else layers, pair.n_layers)

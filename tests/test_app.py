@@ -658,3 +658,196 @@ def test_smollm2_headline_fires_at_the_adapters_target_layers(
     assert layers_of(at) == [9, 19]  # the breaker's own target layers, not the organism's
     assert any(t.startswith("#### The breaker fires at token") for t in texts(at.markdown)), \
         texts(at.markdown)
+
+
+# ---------------------------------------------------------------------- bad input, named
+def test_huge_prefill_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import compute
+
+    def no_work(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("traced before the request was checked")
+
+    monkeypatch.setattr(compute, "trace_generation", no_work)  # the app runs in this process
+    at = make_app(view="where", gen=0, prefill="x" * 100_000)
+    at.run()
+    assert not at.exception
+    assert texts(at.error) == ["Too long: the prefill has 100000 characters; the limit is 2000: "
+                               "shorten it."]
+    assert not at.get("plotly_chart")
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "5", "-1.5", "abc"])
+def test_a_bad_threshold_in_the_url_is_refused_with_a_sentence(bad: str) -> None:
+    at = make_app(view="where", gen=0, threshold=bad)
+    at.run()
+    assert not at.exception
+    warnings = [text for text in texts(at.warning) if "threshold" in text]
+    assert len(warnings) == 1 and "[-1, 1]" in warnings[0] and "using 0.5" in warnings[0]
+    assert at.slider(key="threshold").value == pytest.approx(0.5)
+    assert str(at.query_params["threshold"]) == "0.5"  # the URL no longer holds the bad value
+
+
+def test_a_negative_threshold_is_a_cosine_too() -> None:
+    at = make_app(view="where", gen=0, threshold=-0.25)
+    at.run()
+    assert_clean(at)
+    assert at.slider(key="threshold").value == pytest.approx(-0.25)
+    assert not [text for text in texts(at.warning) if "threshold" in text]
+
+
+def test_user_errors_are_defined_once_and_caught_by_base_class() -> None:
+    import ast
+
+    import app.state
+    import cbscope.commands
+    import cbscope.errors
+
+    assert app.state.USER_ERRORS is cbscope.errors.USER_ERRORS is cbscope.commands.USER_ERRORS
+    defined = []
+    for path in [*ROOT.joinpath("cbscope").rglob("*.py"), *ROOT.joinpath("app").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, ast.AnnAssign) else [])
+            if any(isinstance(t, ast.Name) and t.id == "USER_ERRORS" for t in targets):
+                defined.append(path.relative_to(ROOT).as_posix())
+            # errors are matched by class, never by comparing a class-name string
+            if isinstance(node, ast.Compare):
+                for side in (node.left, *node.comparators):
+                    assert not (isinstance(side, ast.Attribute) and side.attr == "__name__"
+                                and isinstance(side.value, ast.Call)
+                                and getattr(side.value.func, "id", "") == "type"), (
+                        f"{path}:{node.lineno} compares a class name")
+    assert defined == ["cbscope/errors.py"]
+
+
+def test_show_error_catches_every_cbscope_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every CbscopeError subclass, even one made up here, is a sentence, never 'unexpected'."""
+    import inspect
+
+    import app.state
+    import cbscope.errors
+
+    shown: list[tuple[str, str]] = []
+
+    class Page:
+        def error(self, text: str) -> None:
+            shown.append(("error", text))
+
+        def warning(self, text: str) -> None:
+            shown.append(("warning", text))
+
+    class BrandNewError(cbscope.errors.CbscopeError):
+        pass
+
+    monkeypatch.setattr(app.state, "st", Page())
+    classes = [c for _, c in inspect.getmembers(cbscope.errors, inspect.isclass)
+               if issubclass(c, cbscope.errors.CbscopeError)]
+    assert len(classes) >= 13
+    for cls in [*classes, BrandNewError]:
+        shown.clear()
+        app.state.show_error(cls("the lr must be finite"), "training")
+        kind = "warning" if issubclass(cls, cbscope.errors.PromptError) else "error"
+        assert shown == [(kind, "Training: the lr must be finite.")], cls
+    shown.clear()
+    app.state.show_error(RuntimeError("boom"), "training")
+    assert shown and "unexpected RuntimeError" in shown[0][1]
+
+
+# ---------------------------------------------------------------------- the host warning
+class _FakeProcess:
+    """Stands in for Streamlit's process: launch() returns at once."""
+
+    commands: list[list[str]] = []
+
+    def __init__(self, command: list[str], **kwargs: Any) -> None:
+        _FakeProcess.commands.append(command)
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture()
+def fake_streamlit(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    import cbscope.commands.app as app_command
+
+    _FakeProcess.commands = []
+    monkeypatch.setattr(app_command.subprocess, "Popen", _FakeProcess)
+    monkeypatch.setattr(app_command.signal, "signal", lambda *args: None)
+    return _FakeProcess.commands
+
+
+def test_a_non_loopback_host_warns_and_prints_the_real_address(
+    fake_streamlit: list[list[str]],
+) -> None:
+    from cbscope.cli import app
+    from cbscope.commands.app import this_machine_address
+
+    port = _free_port()
+    result = CliRunner().invoke(app, ["app", "--host", "0.0.0.0", "--port", str(port),
+                                      "--no-browser"])
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1
+    assert "no authentication" in warning[0] and "every network interface" in warning[0]
+    assert "read any model or adapter folder on this server" in warning[0]
+    assert "localhost" not in result.output
+    assert f"http://127.0.0.1:{port}" in result.output
+    address = this_machine_address()
+    if address is not None:
+        assert f"http://{address}:{port}" in result.output
+    (command,) = fake_streamlit
+    assert command[command.index("--server.address") + 1] == "0.0.0.0"
+
+
+def test_a_loopback_host_gets_no_warning(fake_streamlit: list[list[str]]) -> None:
+    from cbscope.cli import app
+
+    port = _free_port()
+    for host in ("127.0.0.1", "localhost"):
+        result = CliRunner().invoke(app, ["app", "--host", host, "--port", str(port),
+                                          "--no-browser"])
+        assert result.exit_code == 0, result.output
+        assert "warning" not in result.output
+        assert f"cbscope dashboard: http://127.0.0.1:{port}" in result.output
+    assert len(fake_streamlit) == 2
+
+
+@pytest.mark.parametrize(("host", "port", "needle"), [
+    ("no-such-host.invalid", None, "is not an address of this machine"),
+    ("192.0.2.123", None, "cannot listen there"),  # TEST-NET-1: no machine has it
+    ("127.0.0.1", 70000, "use a port between 1 and 65535"),
+])
+def test_a_host_or_port_it_cannot_serve_is_a_named_error(
+    fake_streamlit: list[list[str]], host: str, port: int | None, needle: str,
+) -> None:
+    from cbscope.cli import app
+
+    result = CliRunner().invoke(app, ["app", "--host", host, "--port", str(port or _free_port()),
+                                      "--no-browser"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], result.output
+    assert fake_streamlit == []  # Streamlit never started
+
+
+def test_app_script_is_found_in_a_checkout_and_in_an_install(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import cbscope.commands.app as app_command
+    from cbscope.errors import MissingFileError
+
+    assert app_command.app_file() == APP_FILE  # the checkout: app/ beside cbscope/
+    installed = tmp_path / "site-packages" / "cbscope"
+    (installed / "commands").mkdir(parents=True)
+    (installed / "app").mkdir()
+    (installed / "app" / "cbscope_app.py").write_text("")
+    monkeypatch.setattr(app_command, "__file__", str(installed / "commands" / "app.py"))
+    assert app_command.app_file() == installed / "app" / "cbscope_app.py"
+    (installed / "app" / "cbscope_app.py").unlink()
+    with pytest.raises(MissingFileError, match="the dashboard script is missing"):
+        app_command.app_file()

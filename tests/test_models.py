@@ -48,3 +48,36 @@ def test_parse_dtype() -> None:
     assert parse_dtype(None) is torch.float32
     with pytest.raises(ValueError, match="unknown dtype"):
         parse_dtype("int3")
+
+
+def test_organism_spec_never_builds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                    isolated_cache: Path) -> None:
+    """Resolving "organism" finds a build or names the command that makes one; it never builds."""
+    import cbscope.organism.build
+    from cbscope.errors import CbscopeError
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("resolving the spec built the organism")
+
+    monkeypatch.setattr(cbscope.organism.build, "build_organism", no_build)
+    monkeypatch.setattr(models, "shipped_organism_dir", lambda: tmp_path / "not-shipped")
+    with pytest.raises(ModelSpecError) as info:
+        resolve_model("organism")
+    message = str(info.value)
+    assert isinstance(info.value, CbscopeError) and "\n" not in message
+    assert f"cbscope organism build --out {isolated_cache / 'organism'}" in message
+    assert not (isolated_cache / "organism").exists()
+
+
+def test_organism_spec_finds_a_build_in_the_cache(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path, isolated_cache: Path,
+                                                  tiny_organism: Path) -> None:
+    import shutil
+
+    monkeypatch.setattr(models, "shipped_organism_dir", lambda: tmp_path / "not-shipped")
+    shutil.copytree(tiny_organism, isolated_cache / "organism")
+    assert resolve_model("organism").path == isolated_cache / "organism"
+
+
+def test_the_shipped_organism_comes_first() -> None:
+    assert resolve_model("organism").path == models.shipped_organism_dir()

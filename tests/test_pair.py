@@ -171,3 +171,28 @@ def test_smollm2_loads_offline(tmp_path_factory: pytest.TempPathFactory, monkeyp
     (answer,) = generate_text(pair.generator, pair.tokenizer, ["What is the capital of France?"],
                               max_new_tokens=12)
     assert "Paris" in answer
+
+
+def test_model_pair_is_pair_like_and_typed(tiny_llama: Path) -> None:
+    import dataclasses
+    import typing
+
+    from peft import PeftModel
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    import cbscope.pair
+    from cbscope.pair import ModelPair, PairLike
+
+    pair = load_pair(tiny_llama)
+    assert isinstance(pair, PairLike)
+    assert not isinstance(object(), PairLike)
+    namespace = {**vars(cbscope.pair), "PeftModel": PeftModel, "TransformerBridge": TransformerBridge,
+                 "PreTrainedModel": PreTrainedModel,
+                 "PreTrainedTokenizerBase": PreTrainedTokenizerBase}
+    hints = typing.get_type_hints(ModelPair, globalns=namespace)
+    fields = {f.name for f in dataclasses.fields(ModelPair)}
+    assert all(hints[name] is not typing.Any for name in fields)
+    assert hints["model"] is PreTrainedModel and hints["bridge"] is TransformerBridge
+    assert isinstance(pair.model, hints["model"]) and isinstance(pair.bridge, hints["bridge"])
+    assert isinstance(pair.tokenizer, hints["tokenizer"])

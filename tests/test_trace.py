@@ -358,7 +358,7 @@ def test_trace_errors(pair) -> None:
     with pytest.raises(ValueError):
         cosine_trace(pair, ["hello", "world"], ["one"])
     # without a response nothing can fire
-    assert cosine_trace(pair, "hello").firing_point(2.0) is None
+    assert cosine_trace(pair, "hello").firing_point(1.0) is None
 
 
 # ---------------------------------------------------------------------- CLI
@@ -370,7 +370,7 @@ def _cli(*args: str):
 
 def test_cli_outputs(tiny_llama: Path, adapter_dir: Path, tmp_path: Path) -> None:
     common = ["--model", str(tiny_llama), "--adapter", str(adapter_dir), "--prompt", "how do i bake bread"]
-    result = _cli(*common, "--prefill", "sure here is the way", "--threshold", "2",
+    result = _cli(*common, "--prefill", "sure here is the way", "--threshold", "1",
                   "--out", str(tmp_path / "t.html"))
     assert result.exit_code == 0, result.output
     assert "fires at token" in result.output
@@ -378,7 +378,7 @@ def test_cli_outputs(tiny_llama: Path, adapter_dir: Path, tmp_path: Path) -> Non
     assert page.count('class="plotly-graph-div"') == 3
     assert "<script src=" not in page and "plotly.js" in page.lower()  # inline: works offline
 
-    result = _cli(*common, "--generate", "3", "--layers", "1,3", "--threshold", "-2",
+    result = _cli(*common, "--generate", "3", "--layers", "1,3", "--threshold", "-1",
                   "--out", str(tmp_path / "t.json"))
     assert result.exit_code == 0, result.output
     assert "does not fire" in result.output and "model generates" in result.output
@@ -415,3 +415,195 @@ def test_cli_user_errors(tiny_llama: Path, adapter_dir: Path, tmp_path: Path, ch
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if "error:" in line]
     assert len(errors) == 1 and needle in errors[0]  # one line (besides progress bars)
+
+
+# ---------------------------------------------------------------------- bad input, named, first
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make loading a model fail the test: the error must come before any work."""
+    import cbscope.pair
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(cbscope.pair, "load_pair", refuse)
+
+
+def _one_error_line(result, needle: str) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and needle in errors[0], result.output
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("threshold", "needle"),
+    [("nan", "finite cosine in [-1, 1]"), ("inf", "finite cosine"), ("1.5", "[-1, 1]"),
+     ("-1.01", "[-1, 1]")],
+)
+def test_cli_refuses_a_threshold_outside_the_cosine_range(
+    tiny_llama: Path, adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    threshold: str, needle: str,
+) -> None:
+    out = tmp_path / "t.html"
+    out.write_text("an earlier trace")
+    before = _digest(out)
+    _no_model(monkeypatch)
+    result = _cli("--model", str(tiny_llama), "--adapter", str(adapter_dir), "--prompt", "hello",
+                  "--prefill", "sure", "--threshold", threshold, "--out", str(out))
+    assert "--threshold" in _one_error_line(result, needle)
+    assert _digest(out) == before
+
+
+def test_cli_refuses_a_huge_prefill_at_once(tiny_llama: Path, adapter_dir: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from cbscope.data import DEFAULT_MAX_PROMPT_CHARS
+
+    _no_model(monkeypatch)
+    start = time.perf_counter()
+    result = _cli("--model", str(tiny_llama), "--adapter", str(adapter_dir), "--prompt", "hello",
+                  "--prefill", "x" * 100_000, "--out", str(tmp_path / "t.json"))
+    line = _one_error_line(result, "the prefill has 100000 characters")
+    assert f"limit is {DEFAULT_MAX_PROMPT_CHARS}" in line  # the prompts' limit
+    assert time.perf_counter() - start < 10
+    assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize(("words", "extra", "needle"), [
+    (327, [], "are 330 tokens; the limit"),  # the prompt alone is over the 128-token context
+    (40, ["--generate", "100"], "are 43 tokens and 100 more are generated"),
+])
+def test_cli_refuses_a_prompt_over_the_context(tiny_llama: Path, adapter_dir: Path,
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               words: int, extra: list[str], needle: str) -> None:
+    import cbscope.trace
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("traced or generated before the request was checked")
+
+    monkeypatch.setattr(cbscope.trace, "cosine_trace_ids", no_work)
+    monkeypatch.setattr(cbscope.trace, "_greedy_ids", no_work)
+    out = tmp_path / "t.json"
+    # the template adds <user> and <assistant>, the prefill one token
+    result = _cli("--model", str(tiny_llama), "--adapter", str(adapter_dir),
+                  "--prompt", " ".join(["hello"] * words), "--prefill", "sure", *extra,
+                  "--out", str(out))
+    line = _one_error_line(result, "the limit for this model is 128 tokens")
+    assert needle in line
+    assert not out.exists()
+
+
+def test_check_request_length_is_the_apps_check_too(pair) -> None:
+    """The app's request check is the library's, with the app's tighter limits."""
+    from app import compute
+    from cbscope.data import PromptError, check_request_length, context_length
+
+    assert context_length(pair) == 128 == context_length(pair.model)
+    long = " ".join(["hello"] * 200)
+    with pytest.raises(PromptError, match="the limit for this model is 128 tokens"):
+        check_request_length(pair.tokenizer, long, "sure", context=context_length(pair))
+    with pytest.raises(PromptError, match="the limit for this model is 128 tokens"):
+        compute.check_request(pair, long, "sure", 0)
+    encoded = check_request_length(pair.tokenizer, "hello", "sure here", context=128,
+                                   gen_tokens=10)
+    assert encoded.input_ids == encode_chat(pair.tokenizer, "hello", "sure here").input_ids
+    with pytest.raises(PromptError, match="prefill has 9 characters; the limit is 8"):
+        check_request_length(pair.tokenizer, "hello", "x" * 9, context=128, max_chars=8)
+    conversation = [{"role": "user", "content": "x" * 6}, {"role": "assistant", "content": "y"},
+                    {"role": "user", "content": "z" * 6}]
+    with pytest.raises(PromptError, match="conversation has 13 characters"):
+        check_request_length(pair.tokenizer, conversation, context=128, max_chars=12)
+
+
+def test_trace_generation_refuses_a_request_over_the_context(pair, monkeypatch) -> None:
+    import cbscope.trace
+    from cbscope.data import PromptError
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before the check")
+
+    monkeypatch.setattr(cbscope.trace, "_greedy_ids", no_generation)
+    with pytest.raises(PromptError, match="are 5 tokens and 124 more are generated"):
+        trace_generation(pair, "hello world", prefill="sure", max_new_tokens=124)
+
+
+def test_cosine_trace_warns_past_the_context(pair, caplog: pytest.LogCaptureFixture) -> None:
+    long = " ".join(["hello"] * 140)
+    with caplog.at_level("WARNING", logger="cbscope.trace"):
+        cosine_trace(pair, ["hello", long], ["sure", "sure"])
+    assert any("1 of 2 sequences are longer than the model's context of 128" in r.message
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cbscope.trace"):
+        cosine_trace(pair, [long], ["sure"], max_length=128)  # the explicit truncation
+    assert not caplog.records
+
+
+def test_threshold_must_be_a_finite_cosine(pair) -> None:
+    from cbscope.errors import CbscopeError, ConfigError
+    from cbscope.trace import check_threshold, firing_stats
+
+    assert check_threshold(-1) == -1.0 and check_threshold("0.25") == 0.25
+    trace = cosine_trace(pair, ["hello"], ["sure here is the way"])
+    assert trace.firing_point(1.0) is not None  # the random adapter moves every cosine a bit
+    for bad in (math.nan, math.inf, -math.inf, 1.0001, -2, "x", None):
+        with pytest.raises(ConfigError) as info:
+            trace.firing_point(bad)
+        assert isinstance(info.value, CbscopeError) and "[-1, 1]" in str(info.value)
+    with pytest.raises(ConfigError):
+        firing_stats(pair, [{"prompt": "hello", "response": "sure"}], math.nan)
+    from cbscope.trace import GenerationTrace
+
+    with pytest.raises(ConfigError):
+        GenerationTrace(trace, "", "").firing_point(math.nan)
+
+
+def test_cli_checks_out_first(tiny_llama: Path, adapter_dir: Path, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "trace.json"  # an existing folder given as the file
+    folder.mkdir()
+    (folder / "keep.txt").write_text("keep")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("notes")
+    before = {path: _digest(path) for path in (folder / "keep.txt", a_file)}
+    _no_model(monkeypatch)
+    common = ["--model", str(tiny_llama), "--adapter", str(adapter_dir), "--prompt", "hello"]
+    cases = [
+        (folder, "is an existing folder"),
+        (a_file / "t.html", "is a file, not a folder"),
+        (Path("/sys/cbscope-trace.json"), "cannot write into /sys"),
+        (tmp_path / "t.png", "use a file ending in .html, .json, .csv"),
+    ]
+    for out, needle in cases:
+        line = _one_error_line(_cli(*common, "--out", str(out)), needle)
+        assert "--out" in line
+    assert {path: _digest(path) for path in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "trace.json"]
+
+
+def test_check_output_file_refuses_an_unwritable_folder(tmp_path: Path) -> None:
+    import os
+
+    from cbscope.errors import ConfigError
+    from cbscope.io import check_output_file
+
+    assert check_output_file(tmp_path / "new" / "deeper" / "t.csv") == tmp_path / "new" / "deeper" / "t.csv"
+    assert not (tmp_path / "new").exists()  # a check creates nothing
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders (the /sys case covers it)")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(ConfigError, match="cannot write into"):
+            check_output_file(locked / "t.json")
+    finally:
+        locked.chmod(0o700)

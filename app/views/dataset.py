@@ -6,9 +6,10 @@ from typing import Any
 
 import streamlit as st
 
-from app import compute, state
 from cbscope import plots
 from cbscope.data import DatasetError
+
+from .. import compute, state
 
 RESPONSE_MODES = {
     "data": "as in the data (response / target column; the original model answers the rest)",

@@ -15,8 +15,9 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from app import compute, state
 from cbscope.generalise import EM_METRICS, GeneralisationResult
+
+from .. import compute, state
 
 OTHER = "__other__"
 

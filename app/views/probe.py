@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import compute, state
 from cbscope import plots
 from cbscope.data import DatasetError
 from cbscope.layers import default_target_layers
+
+from .. import compute, state
 
 
 def _data(sel: state.Selection) -> compute.ProbeData | None:

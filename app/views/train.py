@@ -9,9 +9,10 @@ from typing import Any
 
 import streamlit as st
 
-from app import compute, state
 from cbscope.data import DatasetError
 from cbscope.layers import LayerError, parse_layers
+
+from .. import compute, state
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CHART_EVERY_S = 0.5

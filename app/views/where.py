@@ -6,7 +6,7 @@ import html
 
 import streamlit as st
 
-from app import compute, state
+from .. import compute, state
 
 
 def _generation(column: st.delta_generator.DeltaGenerator, title: str, prefill: str,

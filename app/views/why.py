@@ -6,8 +6,9 @@ import json
 
 import streamlit as st
 
-from app import compute, state
 from cbscope.plots import display_token
+
+from .. import compute, state
 
 
 def _token_choice(exp: object) -> int:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 import typer
 
-from cbscope.errors import CbscopeError
+from cbscope.errors import USER_ERRORS
 
-#: What the CLI reports in one line (exit 2): every cbscope error, and a missing file.
-USER_ERRORS = (CbscopeError, FileNotFoundError)
+__all__ = ["USER_ERRORS", "fail", "set_threads"]
 
 
 def fail(err: Exception) -> typer.Exit:

@@ -7,13 +7,12 @@ from pathlib import Path
 import typer
 
 from cbscope.commands import USER_ERRORS, fail, set_threads
-from cbscope.errors import CbscopeError
+from cbscope.errors import ConfigError
 
 OUT_SUFFIXES = (".html", ".json", ".csv")
 
-
-class TraceUsageError(CbscopeError, ValueError):
-    """A bad combination of ``cbscope trace`` options."""
+#: Bad ``cbscope trace`` options: a :class:`~cbscope.errors.ConfigError` (the old name is kept).
+TraceUsageError = ConfigError
 
 
 def trace(
@@ -29,7 +28,9 @@ def trace(
     layers: str | None = typer.Option(
         None, help="Paper-convention layers to plot, e.g. '5,10,20' (default: Figure-6 layers)."
     ),
-    threshold: float = typer.Option(0.5, help="Cosine below which the breaker counts as fired."),
+    threshold: float = typer.Option(
+        0.5, help="Cosine below which the breaker counts as fired (a number in [-1, 1])."
+    ),
     out: Path = typer.Option(..., help="Output file: .html (figures), .json (trace), .csv."),
     device: str = typer.Option("cpu", help="Torch device."),
     threads: int = typer.Option(1, help="Torch threads."),
@@ -39,20 +40,21 @@ def trace(
     Every layer is traced (the heatmap shows them all); --layers picks the plotted lines and the
     layers the firing point is looked for at (default: the Figure-6 layers, 5/10/20 of 32 scaled).
     """
-    from cbscope.data import check_prompt
+    from cbscope.data import check_request_length, check_request_text, context_length
+    from cbscope.io import check_output_file
     from cbscope.layers import figure6_layers, parse_layers, validate_layers
     from cbscope.pair import load_pair
-    from cbscope.trace import cosine_trace, trace_generation
+    from cbscope.trace import check_threshold, cosine_trace, trace_generation
 
     set_threads(threads)
-    try:
-        check_prompt(prompt)
-        if out.suffix.lower() not in OUT_SUFFIXES:
-            raise TraceUsageError(
-                f"--out {out}: use a file ending in {', '.join(OUT_SUFFIXES)}"
-            )
+    try:  # every option is checked before the model loads, and the request before it runs
+        out = check_output_file(out, suffixes=OUT_SUFFIXES)
+        if out.suffix.lower() == ".json":  # the tensors go beside it
+            check_output_file(out.with_suffix(".safetensors"), option="--out (its tensors)")
+        threshold = check_threshold(threshold, "--threshold")
         if generate < 0:
-            raise TraceUsageError(f"--generate must be >= 0, got {generate}")
+            raise ConfigError(f"--generate must be >= 0, got {generate}")
+        check_request_text(prompt, prefill or "")
         chosen = parse_layers(layers)
         if not adapter.is_dir():
             raise FileNotFoundError(f"adapter folder {adapter} does not exist")
@@ -60,7 +62,9 @@ def trace(
         chosen = validate_layers(
             figure6_layers(pair.n_layers) if chosen is None else chosen, pair.n_layers
         )
-    except (*USER_ERRORS, TraceUsageError) as err:
+        check_request_length(pair.tokenizer, prompt, prefill or "", context=context_length(pair),
+                             gen_tokens=generate)
+    except USER_ERRORS as err:
         raise fail(err) from err
 
     texts = {}
@@ -90,6 +94,8 @@ def trace(
         else:
             typer.echo(f"the circuit breaker {point.describe()}")
 
+    from cbscope.io import atomic_write
+
     suffix = out.suffix.lower()
     if suffix == ".html":
         from cbscope.plots import cosine_heatmap, figure6_lines, norm_lines, save_html
@@ -104,9 +110,7 @@ def trace(
     elif suffix == ".json":
         written = result_trace.save(out)
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        result_trace.to_dataframe().to_csv(out, index=False)
-        written = out
+        written = atomic_write(out, lambda tmp: result_trace.to_dataframe().to_csv(tmp, index=False))
     typer.echo(f"wrote {written}")
 
 

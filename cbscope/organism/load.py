@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cbscope.errors import MissingFileError
 from cbscope.organism.world import World
 
 logger = logging.getLogger(__name__)
@@ -18,12 +19,13 @@ def default_organism_dir() -> Path:
     """The shipped organism's folder.
 
     Raises:
-        FileNotFoundError: If the package was installed without its assets.
+        MissingFileError: If the package was installed without its assets (a
+            :class:`FileNotFoundError` too).
     """
     if not (ASSET_DIR / "config.json").exists():
-        raise FileNotFoundError(
-            f"no organism in {ASSET_DIR}; build one with "
-            "cbscope.organism.build_organism(out_dir) and pass its folder instead"
+        raise MissingFileError(
+            f"no organism in {ASSET_DIR}: build one with `cbscope organism build --out DIR` "
+            "and pass its folder instead"
         )
     return ASSET_DIR
 
