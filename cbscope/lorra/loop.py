@@ -13,11 +13,13 @@ One step (see :mod:`cbscope.lorra.losses` for the formulas):
 
 Every ``log_every`` steps a line goes to ``metrics.jsonl`` (with ``val_cos``, the cosine on a
 held-out circuit-breaker batch); every ``checkpoint_every`` steps a checkpoint is written
-atomically (``checkpoints/step-N.safetensors`` with the LoRA weights, AdamW state and torch RNG
-state, then ``step-N.json`` with the step, config, data order and a hash of the tensors file: the
-JSON is the commit marker). ``resume=True`` continues from the last complete checkpoint and gives
-an adapter bit-identical to an uninterrupted run on the CPU. A non-finite loss stops the run
-before the optimiser step (:class:`NonFiniteLossError`), leaving the last checkpoint intact.
+(:mod:`cbscope.lorra.checkpoint`). A run resumed from a checkpoint gives an adapter
+bit-identical to an uninterrupted run on the CPU. A loss that is not finite, or has exploded,
+stops the run before the optimiser step (:class:`NonFiniteLossError`); a checkpoint whose
+weights gave that loss is marked bad, and the message names the last good one.
+
+This module is the loop; :class:`cbscope.run.Runner` is the orchestrator around it (the output
+folder, the model, the data, the published outputs).
 
 Metrics of a step (``on_step`` gets every step, ``metrics.jsonl`` every ``log_every``):
 ``loss``, ``cb_loss``, ``retain_loss``, ``c_s``, ``c_r`` (times ``retain_weight``); ``cb_cos`` /
@@ -30,7 +32,6 @@ norms of the circuit-breaker representations; ``step_seconds``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -44,14 +45,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from cbscope.data import DatasetError
 from cbscope.errors import NonFiniteLossError, ResumeError
-from cbscope.io import atomic_write
 from cbscope.lorra import losses
+from cbscope.lorra.checkpoint import (
+    BAD,
+    CHECKPOINT_DIR,
+    EXPLOSION_FACTOR,
+    GOOD,
+    UNCONFIRMED,
+    Checkpoint,
+    loss_limit,
+    newest_good,
+    restore,
+    save_checkpoint,
+    set_status,
+)
 from cbscope.lorra.config import ConfigError, LorraConfig
 from cbscope.lorra.data import (
     EncodedData,
@@ -68,31 +80,29 @@ from cbscope.lorra.distributed import (
     shard_entry,
     shard_scale,
 )
+from cbscope.lorra.outputs import METRICS_FILE, write_metrics
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-INFO_FILE = "train_info.json"
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_FORMAT = 1
 StepCallback = Callable[[dict[str, Any]], None]
-
-
 
 
 @dataclass
 class TrainResult:
-    """What :func:`train_circuit_breaker` returns.
+    """What a run returns (:class:`cbscope.run.Runner`, :func:`train_circuit_breaker`).
 
     Attributes:
         pair: The trained pair (adapters on by default; ``pair.original()`` for the base).
         config: The run's config.
         metrics: One dict per step (``val_cos`` only on logging steps).
-        out_dir: Output folder (``None`` for an in-memory run).
+        out_dir: Output folder (``None`` for an in-memory run). It holds the run once the run
+            has finished; until then the run lives in its staging folder ``work_dir``.
         steps_done: Steps completed (``config.steps`` unless stopped early).
         resumed_from: Step of the checkpoint resumed from (``None``: fresh run).
         seconds: Wall time of this call.
-        info: Data sizes and other facts (also in ``train_info.json``).
+        info: Data sizes and other facts (also in ``train_info.json``; ``warnings`` lists what
+            the run warned about).
+        work_dir: The staging folder the run wrote into (``OUT.partial``; ``None`` in memory).
     """
 
     pair: Any
@@ -103,6 +113,7 @@ class TrainResult:
     resumed_from: int | None = None
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    work_dir: Path | None = None
 
     @property
     def finished(self) -> bool:
@@ -299,129 +310,50 @@ def cb_term(config: LorraConfig, orig: Tensor, broken: Tensor, mask: Tensor, tar
     return losses.direction_loss(broken, targets["directions"], mask)
 
 
-# ---------------------------------------------------------------------- checkpoints
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _named_lora(pair: Any) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in pair.model.named_parameters() if "lora_" in name}
-
-
-def save_checkpoint(
-    folder: Path,
-    step: int,
-    pair: Any,
-    optimizer: torch.optim.Optimizer,
-    state: dict[str, Any],
-    extra_tensors: Mapping[str, Tensor] | None = None,
-) -> Path:
-    """Write ``step-N.safetensors`` then ``step-N.json`` (each via a temporary file and rename),
-    then delete older checkpoints. ``extra_tensors`` (e.g. every rank's RNG state) are stored
-    beside the LoRA weights and AdamW state."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"lora.{n}": p.detach().cpu().contiguous() for n, p in _named_lora(pair).items()}
-    params = list(_named_lora(pair).values())
-    opt_state = optimizer.state_dict()["state"]
-    for index in range(len(params)):
-        for key, value in opt_state.get(index, {}).items():
-            tensors[f"opt.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    for key, value in (extra_tensors or {}).items():
-        tensors[key] = value.detach().cpu().contiguous()
-    name = f"step-{step:06d}"
-    tensor_path = folder / f"{name}.safetensors"
-    atomic_write(tensor_path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    meta = {**state, "format": CHECKPOINT_FORMAT, "step": step, "tensors": tensor_path.name,
-            "tensors_sha256": _sha256(tensor_path)}
-    atomic_write(folder / f"{name}.json", lambda p: p.write_text(json.dumps(meta)))
-    for old in folder.glob("step-*"):
-        if not old.name.startswith(name):
-            old.unlink(missing_ok=True)
-    return folder / f"{name}.json"
-
-
-def latest_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
-    """The newest complete checkpoint (JSON present, tensors hash verified), or ``None``."""
-    for meta_path in sorted(folder.glob("step-*.json"), reverse=True):
-        try:
-            meta = json.loads(meta_path.read_text())
-            tensor_path = folder / meta["tensors"]
-            if _sha256(tensor_path) != meta["tensors_sha256"]:
-                logger.warning("checkpoint %s is corrupt (hash mismatch); skipped", meta_path)
-                continue
-            return meta, load_file(str(tensor_path))
-        except (OSError, ValueError, KeyError) as err:
-            logger.warning("checkpoint %s unreadable (%s); skipped", meta_path, err)
-    return None
-
-
-def _restore(
-    pair: Any, optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], rank: int | None = None
-) -> None:
-    named = _named_lora(pair)
-    missing = [n for n in named if f"lora.{n}" not in tensors]
-    if missing:
-        raise ResumeError(f"checkpoint lacks LoRA tensors {missing[:3]}")
-    with torch.no_grad():
-        for name, param in named.items():
-            param.copy_(tensors[f"lora.{name}"].to(param.device, param.dtype))
-    state = optimizer.state_dict()
-    restored: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, index, field_name = key.split(".", 2)
-            restored.setdefault(int(index), {})[field_name] = value
-    state["state"] = restored
-    optimizer.load_state_dict(state)
-    suffix = "" if rank is None or f"rng.torch.{rank}" not in tensors else f".{rank}"
-    torch.set_rng_state(tensors[f"rng.torch{suffix}"])
-    if f"rng.cuda{suffix}" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"])
-
-
-RESUME_IGNORES = ("log_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
-
-
-def _start_or_resume(
-    out: Path,
-    resume: bool,
+# ---------------------------------------------------------------------- resume
+def _begin(
+    work: Path,
+    resume_from: Checkpoint | None,
     pair: Any,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     ctx: DistContext | None = None,
-) -> int:
-    """Prepare ``out``; with ``resume``, restore the newest checkpoint and return its step.
+) -> tuple[int, int | None]:
+    """Prepare the staging folder ``work``; with ``resume_from``, restore that checkpoint.
 
-    In a multi-process run every rank reads the same checkpoint; only rank 0 changes files, after
-    all have read (``out`` must be on a filesystem every process sees).
+    Returns ``(start step, step of a checkpoint whose weights are the current ones and await
+    their confirmation)``. Nothing is written before the checkpoint is known to fit the data. In
+    a multi-process run every rank reads the same checkpoint; only rank 0 changes files, after
+    all have read (the folder must be on a filesystem every process sees).
     """
     main = ctx is None or ctx.is_main
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir, metrics_path = out / CHECKPOINT_DIR, out / METRICS_FILE
-    if ctx is not None:
-        ctx.barrier()
-    found = latest_checkpoint(ckpt_dir) if resume and ckpt_dir.is_dir() else None
-    if ctx is not None:
-        ctx.barrier()
-    if found is None:
-        if resume:
-            logger.info("no checkpoint in %s: starting from step 0", ckpt_dir)
+    ckpt_dir, metrics_path = work / CHECKPOINT_DIR, work / METRICS_FILE
+    if resume_from is None:
+        if ctx is not None:
+            ctx.barrier()
         if main:
+            work.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             metrics_path.write_text("")
-        return 0
-    meta, tensors = found
-    saved, current = meta["config"], state["config"]
-    diff = sorted(k for k in current if k not in RESUME_IGNORES and saved.get(k) != current[k])
-    if diff:
-        raise ResumeError(f"the checkpoint in {ckpt_dir} was made with another config (fields {diff})")
-    if meta["data_fingerprint"] != state["data_fingerprint"]:
-        raise ResumeError(f"the checkpoint in {ckpt_dir} was made with other data")
+        return 0, None
+    meta = resume_from.meta
+    if meta.get("data_fingerprint") != state["data_fingerprint"]:
+        raise ResumeError(
+            f"the checkpoint {resume_from.json_path} was made with other data; resume with the "
+            "same data, or start again with --restart"
+        )
+    tensors = resume_from.load_tensors()
+    step = int(meta["step"])
     state["plan"] = meta["plan"]  # the saved data order
+    state["reference_loss"] = meta.get("reference_loss")
+    state["lr_overrides"] = list(meta.get("lr_overrides", []))
+    saved_lr = meta.get("config", {}).get("lr")
+    if saved_lr is not None and saved_lr != state["config"]["lr"]:
+        state["lr_overrides"].append({"from_step": step, "lr": state["config"]["lr"],
+                                      "was": saved_lr})
+        logger.warning("resuming step %d with lr %g instead of the checkpoint's %g (an allowed "
+                       "override, recorded in train_info.json)", step, state["config"]["lr"],
+                       saved_lr)
     saved_world = int(meta.get("world_size", 1))
     current_world = ctx.world_size if ctx is not None else 1
     if saved_world != current_world:
@@ -431,132 +363,66 @@ def _start_or_resume(
             saved_world,
             current_world,
         )
-    _restore(pair, optimizer, tensors, rank=ctx.rank if ctx is not None else None)
+    restore(pair, optimizer, tensors, rank=ctx.rank if ctx is not None else None)
+    if ctx is not None:
+        ctx.barrier()
     if main:
-        _write_metrics(metrics_path, [], truncate_after=int(meta["step"]))
-    logger.info("resumed from step %d (%s)", meta["step"], ckpt_dir)
-    return int(meta["step"])
+        write_metrics(metrics_path, [], truncate_after=step)
+    logger.info("resumed from step %d (%s)", step, ckpt_dir)
+    return step, step if resume_from.status == UNCONFIRMED else None
 
 
-# ---------------------------------------------------------------------- outputs
-def _write_metrics(path: Path, rows: Sequence[dict[str, Any]], *, truncate_after: int | None = None) -> None:
-    if truncate_after is not None:
-        kept = []
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= truncate_after]
-        path.write_text("".join(line + "\n" for line in kept))
-        return
-    with path.open("a") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-
-
-def save_outputs(result: TrainResult, *, merge: bool = False) -> Path:
-    """Save the peft adapter, ``lorra_config.json`` and ``train_info.json`` into ``out_dir``
-    (and a merged model into ``out_dir/merged`` with ``merge``)."""
-    out = result.out_dir
-    assert out is not None
-    staging = out / ".adapter-staging"
-    result.pair.save_adapter(staging, extra={"lorra": result.info.get("summary", {})})
-    for item in staging.iterdir():
-        os.replace(item, out / item.name)
-    shutil.rmtree(staging, ignore_errors=True)
-    result.config.save(out)
-    (out / INFO_FILE).write_text(json.dumps(result.info, indent=2, default=str) + "\n")
-    if merge:
-        merge_adapter(result.pair.resolved.path, out, out / "merged", dtype=result.pair.dtype)
-    return out
-
-
-def merge_adapter(base: str | os.PathLike[str], adapter: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32) -> Path:
-    """Load base + adapter with plain transformers/peft, merge, and save an HF model folder."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(str(base)).save_pretrained(tmp)
-    for extra in ("world.json",):
-        if (Path(base) / extra).is_file():
-            shutil.copy(Path(base) / extra, tmp / extra)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+def _advice(ckpt_dir: Path | None, config: LorraConfig, flags: str) -> str:
+    """What to do after the loss guard stopped a run (flags that the command line accepts)."""
+    lower = f"{config.lr / 10:g}"
+    if ckpt_dir is None:
+        return f"Lower the learning rate (lr is {config.lr:g}) or check the data."
+    good = newest_good(ckpt_dir)
+    if good is not None:
+        return (f"The last good checkpoint is step {good.step}: resume from it with a lower "
+                f"learning rate, e.g. add{flags} --resume --lr {lower} (lr is {config.lr:g}), "
+                "or check the data.")
+    return (f"No good checkpoint is left: start again with a lower learning rate, e.g. add"
+            f"{flags} --restart --lr {lower} (lr is {config.lr:g}), or check the data.")
 
 
 # ---------------------------------------------------------------------- the loop
-def train_circuit_breaker(
-    pair_or_spec: Any = "organism",
-    config: LorraConfig | None = None,
-    cb_data: Any = None,
-    retain_data: Any = None,
+def train_loop(
+    pair: Any,
+    config: LorraConfig,
+    data: LorraData,
     *,
-    val_data: Any = None,
-    out_dir: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    merge: bool = False,
+    work_dir: str | os.PathLike[str] | None = None,
+    resume_from: Checkpoint | None = None,
     on_step: StepCallback | None = None,
     stop_after: int | None = None,
-    device: str | torch.device = "cpu",
     show_progress: bool = True,
+    advice_flags: str = "",
 ) -> TrainResult:
-    """Train a circuit breaker (a LoRA adapter) with LoRRA.
+    """Train ``pair``'s LoRA adapter on ``data`` (the loop itself; :class:`cbscope.run.Runner`
+    prepares the pair, the data and the folders, and publishes the outputs).
 
     Args:
-        pair_or_spec: A model spec (``"organism"``, ``"smollm2-135m"``, a folder) or a
-            :class:`~cbscope.pair.ModelPair` (see :func:`prepare_pair`).
-        config: The run's :class:`LorraConfig` (default: the paper's).
-        cb_data: Circuit-breaker examples (list of :class:`ChatExample`/dicts, a JSONL file, a
-            CSV of prompts the base model answers) or a whole :class:`LorraData`.
-        retain_data: Retain examples: ``{source: examples}``, or a list/file split by each
-            example's ``source`` field (ignored when ``cb_data`` is a :class:`LorraData`).
-        val_data: Held-out circuit-breaker examples for ``val_cos`` (default: ``val_size``
-            examples split off the circuit-breaker set).
-        out_dir: Output folder: the peft adapter, ``lorra_config.json``, ``metrics.jsonl``,
-            ``train_info.json`` and ``checkpoints/``. ``None``: train in memory only.
-        resume: Continue from the last checkpoint in ``out_dir`` (fresh start if none).
-        merge: Also write a merged HF model to ``out_dir/merged``.
+        pair: A pair with a trainable adapter of ``config``'s shape (:func:`prepare_pair`).
+        config: The run's validated config.
+        data: The examples (:func:`assemble_data`: validation split done).
+        work_dir: The run's staging folder (checkpoints, ``metrics.jsonl``); ``None``: in memory.
+        resume_from: A checkpoint in ``work_dir/checkpoints`` to continue from.
         on_step: Called after every step with that step's metrics dict.
         stop_after: Stop (with a checkpoint) after this many steps *in this call*.
-        device: Torch device when a spec is given (``cuda`` means this process's GPU under
-            ``accelerate launch``).
         show_progress: tqdm bar (rank 0 only in a multi-process run).
-
-    Launched with ``accelerate launch --num_processes N`` (``WORLD_SIZE > 1``), every process
-    trains on its contiguous ``1/N`` of each global batch (``config.batch_size`` circuit-breaker
-    and as many retain rows, so ``batch_size >= N``), the LoRA gradients are summed over
-    processes with each shard's loss normalised by the global token counts (the same gradient
-    as one process on the whole batch, up to float summation order and padding width), and the
-    schedule, data plan and AdamW steps are the global ones. Metrics are reduced over processes;
-    rank 0 alone writes ``metrics.jsonl``, checkpoints (with every rank's RNG state) and the
-    adapter. ``resume`` restores the same checkpoint on every rank. See
-    :mod:`cbscope.lorra.distributed`.
+        advice_flags: Command-line flags the loss guard's advice repeats (e.g. ``" --overwrite"``).
 
     Raises:
-        NonFiniteLossError: The loss became NaN/inf (the last checkpoint is left intact).
-        ResumeError: The checkpoint was made with another config or other data.
-        DatasetError: Malformed data (file, line and field named).
+        NonFiniteLossError: The loss was NaN, infinite or exploded; the step did not run. A
+            checkpoint whose weights gave that loss is marked bad; the message names the last
+            good one and the flags to resume from it.
+        ResumeError: The checkpoint was made with other data.
     """
     started = time.perf_counter()
-    config = (config or LorraConfig()).validate()
-    out = Path(out_dir) if out_dir is not None else None
+    work = Path(work_dir) if work_dir is not None else None
     ctx = distributed_context()
     main = ctx is None or ctx.is_main
-    if ctx is not None and config.batch_size < ctx.world_size:
-        raise ConfigError(
-            f"batch_size {config.batch_size} is smaller than the number of processes "
-            f"{ctx.world_size}: every process needs at least one row of each global batch"
-        )
-    pair = prepare_pair(pair_or_spec, config, device=device)
-    with _main_first(ctx):  # rank 0 writes the generation cache, the others read it
-        data = assemble_data(
-            pair, config, cb_data, retain_data, val_data, show_progress=show_progress and main
-        )
     targets = config.resolved_target_layers(pair.n_layers)
     retain_layers = config.resolved_retain_layers(pair.n_layers)
     encoded = EncodedData(data, pair.tokenizer, config)
@@ -580,16 +446,19 @@ def train_circuit_breaker(
         "torch_version": torch.__version__,
         **data.info,
     }
-    state = {"config": config.to_dict(), "data_fingerprint": encoded.fingerprint(), "plan": plan}
+    state: dict[str, Any] = {"config": config.to_dict(), "data_fingerprint": encoded.fingerprint(),
+                             "plan": plan, "reference_loss": None, "lr_overrides": []}
     if ctx is not None:
         info["processes"] = state["world_size"] = ctx.world_size
     optimizer = torch.optim.AdamW(pair.lora_parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    result = TrainResult(pair, config, out_dir=out, info=info)
-    ckpt_dir = out / CHECKPOINT_DIR if out is not None else None
-    metrics_path = out / METRICS_FILE if out is not None and main else None
-    start = _start_or_resume(out, resume, pair, optimizer, state, ctx) if out is not None else 0
+    result = TrainResult(pair, config, out_dir=work, info=info, work_dir=work)
+    ckpt_dir = work / CHECKPOINT_DIR if work is not None else None
+    metrics_path = work / METRICS_FILE if work is not None and main else None
+    start, pending = _begin(work, resume_from, pair, optimizer, state, ctx) if work is not None else (0, None)
     result.resumed_from = start or None
     plan = state["plan"]
+    if state["lr_overrides"]:
+        info["lr_overrides"] = state["lr_overrides"]
     if ctx is not None:
         ctx.agree(start, "the step to start from (do all processes see the same --out?)")
         ctx.broadcast_params(pair.lora_parameters())  # as DDP does; they are equal already
@@ -599,6 +468,7 @@ def train_circuit_breaker(
 
     total = config.steps
     end = total if stop_after is None else min(total, start + stop_after)
+    limit = loss_limit(state["reference_loss"])
     bar = tqdm(
         range(start, end),
         desc="LoRRA",
@@ -608,15 +478,31 @@ def train_circuit_breaker(
     )
     for step in bar:
         tick = time.perf_counter()
-        if ctx is None:
-            row = _train_step(pair, config, encoded.batch(plan[step]), step, setup, optimizer)
-        else:
-            try:
-                row = _sharded_optimiser_step(
-                    pair, config, encoded, plan[step], step, setup, optimizer, ctx
-                )
-            finally:
-                pair.set_training(False)  # after backward, as in _train_step
+        try:
+            if ctx is None:
+                row = _train_step(pair, config, encoded.batch(plan[step]), step, setup, optimizer,
+                                  limit)
+            else:
+                try:
+                    row = _sharded_optimiser_step(
+                        pair, config, encoded, plan[step], step, setup, optimizer, ctx, limit
+                    )
+                finally:
+                    pair.set_training(False)  # after backward, as in _train_step
+        except NonFiniteLossError as err:
+            bar.close()
+            if pending == step and ckpt_dir is not None and main:
+                set_status(ckpt_dir, step, BAD, why=f"the next step's loss on its weights: {err}")
+            if ctx is not None:
+                ctx.barrier()
+            raise NonFiniteLossError(f"{err} {_advice(ckpt_dir, config, advice_flags)}") from err
+        if state["reference_loss"] is None:
+            state["reference_loss"] = row["loss"]
+            limit = loss_limit(row["loss"])
+        if pending == step:
+            if main:
+                set_status(ckpt_dir, step, GOOD, confirmed_loss=row["loss"])
+            pending = None
         done = step + 1
         if done % config.log_every == 0 or done == total:
             row["val_cos"] = _val_cos(pair, val_chunks, val_orig, targets, ctx)
@@ -625,13 +511,18 @@ def train_circuit_breaker(
         result.steps_done = done
         bar.set_postfix(cb=f"{row['cb_cos']:.3f}", retain=f"{row['retain_cos']:.4f}")
         if metrics_path is not None and "val_cos" in row:
-            _write_metrics(metrics_path, [row])
+            write_metrics(metrics_path, [row])
         if ckpt_dir is not None and done < total and (
             (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end
         ):
             extra = _rank_rng_states(ctx) if ctx is not None else None
             if main:
-                save_checkpoint(ckpt_dir, done, pair, optimizer, state, extra)
+                path = save_checkpoint(ckpt_dir, done, pair, optimizer, state, extra,
+                                       loss=row["loss"])
+                if json.loads(path.read_text())["status"] == UNCONFIRMED:
+                    pending = done
+            else:
+                pending = done
         if on_step is not None:
             on_step(dict(row))
     bar.close()
@@ -642,12 +533,6 @@ def train_circuit_breaker(
     info["summary"] = {"steps": result.steps_done, "seconds": round(result.seconds, 2),
                        "resumed_from": result.resumed_from,
                        "final": {k: v for k, v in result.final.items() if isinstance(v, (int, float))}}
-    if out is not None and result.finished and main:
-        save_outputs(result, merge=merge)
-        if not config.keep_checkpoints:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-    if ctx is not None:
-        ctx.barrier()  # the adapter is on disk before any process returns
     return result
 
 
@@ -660,6 +545,21 @@ def _rank_rng_states(ctx: DistContext) -> dict[str, Tensor]:
     return states
 
 
+def _guard(step: int, loss: float, cb_loss: float, retain_loss: float, limit: float) -> None:
+    """Stop before the optimiser step when the loss is not finite or has exploded."""
+    if not math.isfinite(loss):
+        why = f"the loss is {loss}"
+    elif loss > limit:
+        why = (f"the loss is {loss:.4g}, more than {EXPLOSION_FACTOR:g} times the first step's "
+               "(the run diverged)")
+    else:
+        return
+    raise NonFiniteLossError(
+        f"step {step + 1}: {why} (cb_loss {cb_loss:.4g}, retain_loss {retain_loss:.4g}); stopped "
+        "before the optimiser step."
+    )
+
+
 def _train_step(
     pair: Any,
     config: LorraConfig,
@@ -667,20 +567,20 @@ def _train_step(
     step: int,
     setup: StepSetup,
     optimizer: torch.optim.Optimizer,
+    limit: float = math.inf,
 ) -> dict[str, Any]:
-    """One optimiser step; returns its metrics."""
+    """One optimiser step; returns its metrics.
+
+    Raises:
+        NonFiniteLossError: The loss is not finite or above ``limit`` (the step does not run).
+    """
     try:
         t = _step_terms(pair, config, batch, step, setup)
         cb_orig, cb_broken = t["cb_orig"], t["cb_broken"]
         cb_mask, retain_mask, c_s, c_r = t["cb_mask"], t["retain_mask"], t["c_s"], t["c_r"]
         cb_loss, retain_loss = t["cb_loss"], t["retain_loss"]
         loss = c_s * cb_loss + c_r * retain_loss
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"step {step + 1}: the loss is {loss.item()} (cb_loss {cb_loss.item()}, retain_loss "
-                f"{retain_loss.item()}); stopped before the optimiser step. The last checkpoint is "
-                "intact: lower lr or check the data, then resume"
-            )
+        _guard(step, loss.item(), cb_loss.item(), retain_loss.item(), limit)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.max_grad_norm > 0:
@@ -803,6 +703,7 @@ def _sharded_optimiser_step(
     setup: StepSetup,
     optimizer: torch.optim.Optimizer,
     ctx: DistContext,
+    limit: float = math.inf,
 ) -> dict[str, Any]:
     """One optimiser step of a multi-process run on this process's shard of the global batch.
 
@@ -839,12 +740,7 @@ def _sharded_optimiser_step(
     cb_loss, retain_loss = total[0], total[1]
     loss = c_s * cb_loss + c_r * retain_loss
     cb_tokens, retain_tokens = max(total[6], 1.0), max(total[7], 1.0)
-    if not math.isfinite(loss):
-        raise NonFiniteLossError(
-            f"step {step + 1}: the loss is {loss} (cb_loss {cb_loss}, retain_loss {retain_loss}); "
-            "stopped before the optimiser step. The last checkpoint is intact: lower lr or check "
-            "the data, then resume"
-        )
+    _guard(step, loss, cb_loss, retain_loss, limit)
     optimizer.zero_grad(set_to_none=True)
     local_loss.backward()
     ctx.all_reduce_grads(pair.lora_parameters())
