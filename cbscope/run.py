@@ -178,7 +178,9 @@ class RunConfig:
             MissingFileError: An input file that does not exist.
             DatasetError: An input file that is not UTF-8 or not valid JSONL (file and line).
         """
-        check_field_types(self)
+        check_field_types(self, skip=("lorra_overrides",))  # lorra_config() names those fields
+        if not isinstance(self.lorra_overrides, dict):
+            raise ConfigError("lorra_overrides must be a dict of LorraConfig fields")
         if self.threads is not None and self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0: torch's default), not {self.threads}")
         preset = self.preset_obj()

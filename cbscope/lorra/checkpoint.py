@@ -237,7 +237,7 @@ def save_checkpoint(
         meta.update(status=BAD, why=f"the loss of the step that made it is {loss}")
     json_path = folder / f"{name}.json"
     atomic_write_text(json_path, json.dumps(meta), fsync=True)
-    prune(folder)
+    prune(folder, current=step)
     return json_path
 
 
@@ -251,11 +251,12 @@ def set_status(folder: Path, step: int, status: str, **facts: Any) -> None:
     atomic_write_text(path, json.dumps(meta), fsync=True)
     if status == BAD:
         logger.warning("checkpoint %s marked bad: %s", path, facts.get("why", ""))
-    prune(folder)
+    prune(folder, current=step)
 
 
-def prune(folder: Path, keep_good: int = KEEP_GOOD) -> None:
-    """Delete every checkpoint except the newest and the ``keep_good`` newest good ones.
+def prune(folder: Path, keep_good: int = KEEP_GOOD, *, current: int | None = None) -> None:
+    """Delete every checkpoint except the newest (or ``current``) and the ``keep_good`` newest
+    good ones.
 
     Files of another name (temporary files of an interrupted write) are left alone.
     """
@@ -263,11 +264,23 @@ def prune(folder: Path, keep_good: int = KEEP_GOOD) -> None:
     if not found:
         return
     good = sorted((c.step for c in found if c.status == GOOD and c.problem is None), reverse=True)
-    keep = {found[-1].step, *good[:keep_good]}
+    keep = {found[-1].step if current is None else current, *good[:keep_good]}
     for checkpoint in found:
         if checkpoint.step not in keep:
             checkpoint.tensor_path.unlink(missing_ok=True)
             checkpoint.json_path.unlink(missing_ok=True)
+
+
+def drop_after(folder: Path, step: int) -> list[str]:
+    """Delete the checkpoints newer than ``step`` (those a resumed run passed over: corrupt,
+    bad or unreadable); returns their names."""
+    dropped = []
+    for checkpoint in list_checkpoints(folder):
+        if checkpoint.step > step:
+            checkpoint.tensor_path.unlink(missing_ok=True)
+            checkpoint.json_path.unlink(missing_ok=True)
+            dropped.append(checkpoint.json_path.name)
+    return dropped
 
 
 def restore(

@@ -72,15 +72,17 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
-def check_field_types(obj: Any) -> None:
-    """Check every field of the dataclass ``obj`` against its annotation, and that no number in
-    it is NaN or infinite.
+def check_field_types(obj: Any, *, skip: tuple[str, ...] = ()) -> None:
+    """Check every field of the dataclass ``obj`` (but ``skip``) against its annotation, and that
+    no number in it is NaN or infinite.
 
     Raises:
         ConfigError: Naming the field, its value and the expected type.
     """
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
+        if f.name in skip:
+            continue
         value = getattr(obj, f.name)
         hint = hints.get(f.name, Any)
         if not _fits(value, hint):

@@ -58,6 +58,7 @@ from cbscope.lorra.checkpoint import (
     GOOD,
     UNCONFIRMED,
     Checkpoint,
+    drop_after,
     loss_limit,
     newest_good,
     restore,
@@ -368,6 +369,8 @@ def _begin(
         ctx.barrier()
     if main:
         write_metrics(metrics_path, [], truncate_after=step)
+        for name in drop_after(ckpt_dir, step):
+            logger.warning("removed checkpoint %s, which the resumed run passed over", name)
     logger.info("resumed from step %d (%s)", step, ckpt_dir)
     return step, step if resume_from.status == UNCONFIRMED else None
 
@@ -550,8 +553,8 @@ def _guard(step: int, loss: float, cb_loss: float, retain_loss: float, limit: fl
     if not math.isfinite(loss):
         why = f"the loss is {loss}"
     elif loss > limit:
-        why = (f"the loss is {loss:.4g}, more than {EXPLOSION_FACTOR:g} times the first step's "
-               "(the run diverged)")
+        why = (f"the loss is {loss:.4g}, above {limit:.4g} (the first step's loss, at least 1, "
+               f"times {EXPLOSION_FACTOR:g}): the run diverged")
     else:
         return
     raise NonFiniteLossError(
