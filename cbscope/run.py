@@ -127,6 +127,8 @@ class RunConfig:
     lorra_overrides: dict[str, Any] = field(default_factory=dict, metadata={"cli": None})
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, os.PathLike):
+            self.model = os.fspath(self.model)
         for name in ("out", "cb", "retain", "val", "config", "advbench", "alpaca", "xstest"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -147,6 +149,8 @@ class RunConfig:
         """The run's validated LoRRA config: :attr:`lorra`, else the config file, else the
         preset's, else the defaults; then :attr:`lorra_overrides`."""
         preset = self.preset_obj()
+        if self.lorra is not None and self.config is not None:
+            raise ConfigError("give a LorraConfig or a config file (--config), not both")
         if self.lorra is not None:
             base = LorraConfig.from_dict(self.lorra.to_dict())
         elif self.config is not None:
@@ -255,6 +259,18 @@ def _writable_parent(out: Path) -> None:
         raise ConfigError(f"--out {out}: cannot write in {parent} (permission denied)")
     if out.exists() and out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: the folder is not writable (permission denied)")
+
+
+def _probe_writable(out: Path, folder: Path) -> None:
+    """Make ``folder`` (the staging folder's parent) and a folder in it, then remove that:
+    permissions say yes to root on a read-only or virtual filesystem, a real write does not."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".cbscope-probe-", dir=folder))
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot write in {folder} ({err.strerror or err})") from err
 
 
 def _guard_overwrite(out: Path, inputs: Sequence[Path]) -> None:
@@ -485,6 +501,8 @@ class Runner:
         ctx = distributed_context()
         main = ctx is None or ctx.is_main
         show = cfg.progress and main
+        if plan.work is not None and main:
+            _probe_writable(plan.out, plan.work.parent)
         pair = prepare_pair(self._model_spec(), lorra, device=cfg.device)
         with ctx.main_first() if ctx is not None else contextlib.nullcontext():
             data = self._build_data(pair, lorra, show)  # rank 0 writes the generation cache

@@ -300,8 +300,13 @@ def test_out_that_is_a_file_or_unwritable(tiny_llama: Path, files, tmp_path: Pat
     fails(_args(tiny_llama, files, a_file), r"is a file, not a folder")
     fails(_args(tiny_llama, files, a_file / "run"), r"taken is a file, not a folder")
     assert hashes(a_file) == before
-    if os.geteuid() == 0:
-        pytest.skip("root writes anywhere: the permission check cannot be exercised")
+    for virtual in (Path("/sys/cbscope-test"), Path("/proc/cbscope-test")):
+        if virtual.parent.is_dir() and not virtual.exists():  # nobody, root included, writes here
+            fails(_args(tiny_llama, files, virtual / "run"), "cannot write in")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere: permissions cannot be tested")
+def test_out_in_a_read_only_folder(tiny_llama: Path, files, tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
