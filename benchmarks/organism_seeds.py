@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,25 +50,25 @@ def run_seed(
     overrides: dict[str, object],
     data_options: dict[str, object] | None = None,
     adapter_dir: Path | None = None,
+    *,
+    overwrite: bool = False,
 ) -> dict[str, object]:
     """Train the organism preset with ``seed``, config ``overrides`` and ``data_options`` (keyword
     arguments of :func:`cbscope.lorra.presets.organism_data`); return its behaviour row. The
-    adapter is written to ``adapter_dir`` when given."""
-    from cbscope.lorra.presets import get_preset
-    from cbscope.lorra.trainer import prepare_pair, train_circuit_breaker
+    run (adapter, config, metrics) is written to ``adapter_dir`` when given; an existing run
+    there is replaced only with ``overwrite``."""
     from cbscope.organism import World, evaluate_behaviour
+    from cbscope.run import RunConfig, Runner
 
-    preset = get_preset("organism")
-    data_options = preset.check_data_options(dict(data_options or {}))  # a typo is an error
-    config = replace(preset.config, seed=seed, **overrides)
-    config.validate()
+    run = RunConfig(preset="organism", out=adapter_dir, data_options=dict(data_options or {}),
+                    lorra_overrides={**overrides, "seed": seed}, overwrite=overwrite,
+                    progress=False)
     started = time.perf_counter()
-    pair = prepare_pair(preset.model, config)
-    data = preset.build_data(pair, show_progress=False, **data_options)
-    result = train_circuit_breaker(pair, config, data, out_dir=adapter_dir, show_progress=False)
+    result = Runner(run).run()  # a typo in an override or a data option is a named error
+    pair = result.pair
     world = World.from_json(Path(pair.resolved.path) / "world.json")
     behaviour = evaluate_behaviour(pair.generator, pair.tokenizer, world)
-    held = data.info["holdout_category"]
+    held = result.info["holdout_category"]
     row: dict[str, object] = {m: 100 * behaviour[m] for m in METRICS if m in behaviour}
     row["heldout_prefill_asr"] = 100 * behaviour["by_category"][held]["prefill_asr"]
     row["heldout_template_asr"] = 100 * behaviour["by_category"][held]["template_asr"]
@@ -107,6 +106,8 @@ def main() -> None:
                         help="organism_data option KEY=VALUE, e.g. noise_words=4; repeatable.")
     parser.add_argument("--adapters", type=Path, default=None,
                         help="Keep each seed's adapter in ADAPTERS/seed-N.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace runs already in ADAPTERS/seed-N.")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="Write rows and summary as JSON.")
     args = parser.parse_args()
@@ -119,7 +120,7 @@ def main() -> None:
     print(f"overrides: {overrides or 'none'}; data options: {data_options or 'none'}\n{header}")
     for seed in seeds:
         adapter_dir = args.adapters / f"seed-{seed}" if args.adapters is not None else None
-        row = run_seed(seed, overrides, data_options, adapter_dir)
+        row = run_seed(seed, overrides, data_options, adapter_dir, overwrite=args.overwrite)
         rows.append(row)
         print(f"{seed:>4}" + "".join(f"{float(row[m]):>15.1f}" for m in METRICS)  # type: ignore[arg-type]
               + f"   fails: {', '.join(row['failed_benign_topics']) or '-'}", flush=True)

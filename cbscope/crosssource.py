@@ -326,9 +326,10 @@ def source_matrix(
     from cbscope.evaluate import EvalConfig, chat_suite, evaluate_pair
     from cbscope.judges import ComplianceJudge, DegenerateJudge, RefusalKeywordJudge
     from cbscope.lorra.config import LorraConfig
+    from cbscope.lorra.loop import prepare_pair
     from cbscope.lorra.presets import SMOLLM2_CONFIG, chat_data, data_option_names
-    from cbscope.lorra.trainer import prepare_pair, train_circuit_breaker
     from cbscope.models import resolve_model
+    from cbscope.run import RunConfig, Runner
     from cbscope.sources import DEFAULT_SOURCES, parse_sources
 
     started = time.perf_counter()
@@ -377,17 +378,20 @@ def source_matrix(
         bar.set_postfix_str(run)
         trained = [a for a, n in zip(arguments, names, strict=True)
                    if (n != name if mode == "leave_one_out" else n == name)]
-        pair = first if index == 0 else prepare_pair(spec, config, device=device)
+        model = first if index == 0 else spec  # the runner loads a fresh copy for later runs
         first = None
         tick = time.perf_counter()
-        data = chat_data(pair, sources=trained, show_progress=False, **options)
-        result = train_circuit_breaker(pair, config, data, show_progress=False)
+        result = Runner(
+            RunConfig(preset="smollm2", lorra=config, data_options={"sources": trained, **options},
+                      device=device, progress=False),
+            model=model,
+        ).run()
         train_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
         suite.judge = ComplianceJudge(DegenerateJudge(result.pair), RefusalKeywordJudge())
         report = evaluate_pair(result.pair, config=replace(eval_config, modes=["cb"]),
                                suite=suite, show_progress=False)
-        trained_names = list(data.info["sources"])
+        trained_names = list(result.info["sources"])
         for r in report.rows:
             if r.get("source") in names:
                 r["split"] = "trained" if r["source"] in trained_names else "heldout"
@@ -397,7 +401,7 @@ def source_matrix(
         metrics[run] = {
             **_benign_metrics(report),
             "trained_sources": trained_names,
-            "sizes": data.sizes(),
+            "sizes": result.info["sizes"],
             "final": {k: v for k, v in result.final.items() if isinstance(v, (int, float))},
             "train_seconds": train_seconds,
             "eval_seconds": time.perf_counter() - tick,
@@ -410,7 +414,7 @@ def source_matrix(
                           json.dumps(result.info, indent=2, default=_json_default) + "\n")
             metrics[run]["adapter"] = f"{ADAPTERS_DIR}/{run}"
         logger.info("%s: trained on %s in %.0f s", run, trained_names, train_seconds)
-        del pair, result
+        del model, result
     bar.close()
     matrices = {a: matrix_from_rows(rows, runs, names, a) for a in ATTACKS}
     summary = summarise(names, runs, trained_on, matrices, metrics, base)

@@ -449,9 +449,10 @@ def generalisation_matrix(
         GeneraliseError: Unknown mode or category, or a model without ``world.json``.
     """
     from cbscope.lorra.config import LorraConfig
+    from cbscope.lorra.loop import prepare_pair
     from cbscope.lorra.presets import ORGANISM_CONFIG, data_option_names, organism_data
-    from cbscope.lorra.trainer import prepare_pair, train_circuit_breaker
     from cbscope.models import resolve_model
+    from cbscope.run import RunConfig, Runner
 
     started = time.perf_counter()
     mode = normal_mode(mode)
@@ -483,19 +484,23 @@ def generalisation_matrix(
     for index, category in enumerate(bar):
         run = run_name(mode, category)
         bar.set_postfix_str(run)
-        pair = first if index == 0 else prepare_pair(spec, config, device=device)
-        first = None  # every later run loads a fresh copy
+        model = first if index == 0 else spec  # the runner loads a fresh copy for later runs
+        first = None
         tick = time.perf_counter()
         selection: dict[str, Any] = (
             {"holdout_category": category} if mode == "leave_one_out"
             else {"train_categories": [category]}
         )
-        data = organism_data(pair, **selection, show_progress=False, **options)
-        trained_run = train_circuit_breaker(pair, config, data, show_progress=False)
+        trained_run = Runner(
+            RunConfig(preset="organism", lorra=config, data_options={**selection, **options},
+                      device=device, progress=False),
+            model=model,
+        ).run()
+        data_info = trained_run.info
         train_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
         behaviour = _behaviour(trained_run.pair, world, eval_batch_size)
-        trained = list(data.info["trained_categories"])
+        trained = list(data_info["trained_categories"])
         heldout = [c for c in world_categories if c not in trained]
         runs.append(run)
         trained_on[run] = trained
@@ -513,7 +518,7 @@ def generalisation_matrix(
             trained_run.pair.save_adapter(
                 out / ADAPTERS_DIR / run,
                 extra={
-                    "holdout_category": data.info.get("holdout_category"),
+                    "holdout_category": data_info.get("holdout_category"),
                     "heldout_categories": heldout,
                     "trained_categories": trained,
                     "generalise_run": run,
@@ -525,7 +530,7 @@ def generalisation_matrix(
             "%s: prefill ASR %.1f%%, template ASR %.1f%% (train %.1f s)",
             run, 100 * behaviour["prefill_asr"], 100 * behaviour["template_asr"], train_seconds,
         )
-        del pair, trained_run
+        del model, trained_run
     bar.close()
     prefill = matrix_from_rows(rows, runs, world_categories, "prefill_asr")
     template = matrix_from_rows(rows, runs, world_categories, "template_asr")

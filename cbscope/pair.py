@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from cbscope import native_paths
-from cbscope.errors import AdapterMismatchError
+from cbscope.errors import AdapterMismatchError, MissingFileError
 from cbscope.io import replace_folder
 from cbscope.layers import adapter_target_layers, resid_hook_name, validate_layers
 from cbscope.models import (
@@ -354,17 +354,65 @@ def shared_weight_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
+#: Weight files that only a pickle loader reads (peft and torch would run their code).
+PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+
+
+def check_adapter_files(adapter_dir: Path) -> None:
+    """Check an adapter folder before anything loads it: a readable ``adapter_config.json``,
+    a ``cbscope_adapter.json`` (when present) that is a JSON object, and safetensors weights
+    whose header is complete. Pickle weights are never loaded.
+
+    Raises:
+        MissingFileError: No weights file.
+        AdapterMismatchError: No such folder, a config or metadata file that is not JSON, pickle-only weights,
+            or a truncated / damaged safetensors file (one line each).
+    """
+    from safetensors import safe_open
+
+    if not adapter_dir.is_dir():
+        raise AdapterMismatchError(f"adapter folder {adapter_dir} does not exist")
+    for name, required in ((ADAPTER_CONFIG, True), (ADAPTER_META, False)):
+        path = adapter_dir / name
+        if not path.is_file():
+            if required:
+                raise AdapterMismatchError(f"{adapter_dir} is not a peft adapter folder (no {name})")
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise AdapterMismatchError(f"{path} is not valid JSON ({err}); restore it from the "
+                                       "run that wrote the adapter") from err
+        if not isinstance(data, dict):
+            raise AdapterMismatchError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickles = [name for name in PICKLE_WEIGHTS if (adapter_dir / name).is_file()]
+        if pickles:
+            raise AdapterMismatchError(
+                f"{adapter_dir} holds only pickle weights ({', '.join(pickles)}); cbscope loads "
+                f"{ADAPTER_WEIGHTS} only, since unpickling can run code: convert it with "
+                "safetensors in a trusted environment"
+            )
+        raise MissingFileError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}")
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            handle.keys()
+    except Exception as err:  # safetensors raises its own SafetensorError
+        raise AdapterMismatchError(
+            f"{weights} is damaged or truncated ({err}); copy or train the adapter again"
+        ) from err
+
+
 def _check_adapter_fits(adapter_dir: Path, model: Any, resolved: ResolvedModel) -> None:
     """Raise :class:`AdapterMismatchError` when the adapter's saved fingerprint differs."""
-    if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise AdapterMismatchError(
-            f"{adapter_dir} is not a peft adapter folder (no {ADAPTER_CONFIG})"
-        )
     meta_path = adapter_dir / ADAPTER_META
     if not meta_path.is_file():
         return
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
     saved = meta.get("fingerprint", {})
+    if not isinstance(saved, dict):
+        raise AdapterMismatchError(f"{meta_path}: 'fingerprint' must be a JSON object")
     current = model_fingerprint(model.config)
     if saved and saved.get("digest") != current["digest"]:
         differ = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
@@ -451,7 +499,9 @@ def load_pair(
 
     Raises:
         ModelSpecError: If the spec cannot be resolved.
-        AdapterMismatchError: If the adapter does not fit the model.
+        MissingFileError: If the adapter folder has no weights file.
+        AdapterMismatchError: If the adapter does not fit the model, or one of its files is
+            damaged (not JSON, truncated safetensors, pickle-only weights).
     """
     from peft import PeftModel, get_peft_model
     from transformer_lens.model_bridge import TransformerBridge
@@ -459,6 +509,8 @@ def load_pair(
     if adapter is not None and lora_config is not None:
         raise ValueError("give either an adapter folder or a fresh lora_config, not both")
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
+    if adapter is not None:
+        check_adapter_files(Path(adapter))  # before the base model is loaded
     torch_device = torch.device(device)
     auto_dtype = isinstance(dtype, str) and dtype.lower() == "auto"
     torch_dtype = parse_dtype(None if auto_dtype else dtype)
@@ -477,8 +529,6 @@ def load_pair(
     adapter_path = None
     if adapter is not None:
         adapter_path = Path(adapter)
-        if not adapter_path.is_dir():
-            raise AdapterMismatchError(f"adapter folder {adapter_path} does not exist")
         _check_adapter_fits(adapter_path, model, resolved)
         try:
             peft_model = PeftModel.from_pretrained(model, str(adapter_path))

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from cbscope.lorra import LorraConfig, get_preset
 from cbscope.lorra.data import EncodedExample, collate
 from cbscope.lorra.distributed import shard_entry, shard_scale
-from cbscope.lorra.trainer import CHECKPOINT_DIR, StepSetup, _step_terms, prepare_pair
+from cbscope.lorra.trainer import CHECKPOINT_DIR, StepSetup, _step_terms, prepare_pair, staging_dir
 
 torch.set_num_threads(1)
 
@@ -152,13 +152,13 @@ def test_two_processes_match_one_and_resume(tiny_organism: Path, tmp_path: Path)
     script.write_text(RESUME_SCRIPT)
     killed = tmp_path / "killed"
     _launch([str(script), str(tiny_organism), str(cfg), str(killed), "stop"])
-    assert not (killed / ADAPTER).exists()
-    ckpt = load_file(str(killed / CHECKPOINT_DIR / "step-000002.safetensors"))
+    assert not killed.exists()  # the interrupted run waits in its staging folder
+    ckpt = load_file(str(staging_dir(killed) / CHECKPOINT_DIR / "step-000002.safetensors"))
     assert not torch.equal(ckpt["rng.torch.0"], ckpt["rng.torch.1"])  # one stream per process
     _launch([str(script), str(tiny_organism), str(cfg), str(killed), "resume"])
     c = load_file(str(killed / ADAPTER))
     assert all(torch.equal(b[k], c[k]) for k in b)
-    assert not (killed / CHECKPOINT_DIR).exists()
+    assert not (killed / CHECKPOINT_DIR).exists() and not staging_dir(killed).exists()
 
 
 def test_shards_cover_the_batch_and_scales_add_up() -> None:

@@ -41,17 +41,20 @@ def test_train_from_files(tiny_llama: Path, tmp_path: Path) -> None:
     assert (out / "adapter_model.safetensors").is_file()
     saved = json.loads((out / "lorra_config.json").read_text())
     assert saved["steps"] == 3 and saved["target_layers"] == [1, 2] and saved["max_length"] == 32
-    again = runner.invoke(app, [*args, "--resume"])  # nothing to resume: trains from scratch
-    assert again.exit_code == 0, again.output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = runner.invoke(app, [*args, "--resume"])  # a finished run: nothing to resume
+    assert again.exit_code == 2 and "holds a finished run" in again.output, again.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_user_errors_are_one_line(tiny_llama: Path, tmp_path: Path) -> None:
     cb, retain = _files(tmp_path)
-    cb.write_text('{"prompt": "hello", "response": "hi"}\n{"prompt": "x"}\n')
-    result = runner.invoke(app, ["train", "--model", str(tiny_llama), "--cb", str(cb), "--retain",
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hello", "response": "hi"}\n{"prompt": "x"}\n')
+    result = runner.invoke(app, ["train", "--model", str(tiny_llama), "--cb", str(bad), "--retain",
                                  str(retain), "--out", str(tmp_path / "o"), "--no-progress"])
     assert result.exit_code == 2
-    assert "cb.jsonl, line 2: missing field 'response'" in result.output
+    assert "bad.jsonl, line 2: missing field 'response'" in result.output
     assert "Traceback" not in result.output
     bad_layers = runner.invoke(app, ["train", "--model", str(tiny_llama), "--cb", str(cb),
                                      "--retain", str(retain), "--target-layers", "9",

@@ -48,6 +48,30 @@ def test_validation(field: str, value, match: str) -> None:
         LorraConfig(**{field: value}).validate()
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("lr", float("inf"), "lr must be a finite number, not inf"),
+        ("lorra_alpha", float("nan"), "lorra_alpha must be a finite number, not nan"),
+        ("lora_dropout", float("nan"), "lora_dropout must be a finite number"),
+        ("retain_weight", float("-inf"), "retain_weight must be a finite number"),
+        ("rmu_scale", float("inf"), "rmu_scale must be a finite number"),
+        ("retain_mixture", {"benign": float("inf")}, "every number in retain_mixture must be finite"),
+        ("steps", "10", r"steps must be int, not '10' \(str\)"),
+        ("steps", 10.0, "steps must be int"),
+        ("retain_relative", 1, "retain_relative must be bool"),
+        ("target_layers", [1, "2"], "target_layers must be list"),
+        ("retain_token_mask", 3, "retain_token_mask must be"),
+        ("lora_alpha", 0, "lora_alpha must be > 0"),
+        ("cb_max_length", 1, "cb_max_length must be >= 2"),
+    ],
+)
+def test_types_and_non_finite_numbers_are_rejected(field: str, value, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        LorraConfig.from_dict({field: value})
+    assert LorraConfig.from_dict({"lr": 1, "retain_mixture": {"benign": 2}}).lr == 1  # ints are numbers
+
+
 def test_json_round_trip(tmp_path: Path) -> None:
     c = LorraConfig(target_layers=[3, 5], retain_mixture={"benign": 2.0}, loss="rmu")
     path = c.save(tmp_path)

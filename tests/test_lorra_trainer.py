@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from cbscope.data import DatasetError
 from cbscope.lorra import LorraConfig, NonFiniteLossError, ResumeError, train_circuit_breaker
-from cbscope.lorra.trainer import CHECKPOINT_DIR, METRICS_FILE, latest_checkpoint
+from cbscope.lorra.trainer import CHECKPOINT_DIR, METRICS_FILE, latest_checkpoint, staging_dir
 
 torch.set_num_threads(1)
 
@@ -102,11 +102,12 @@ def test_resume_is_bit_identical(tiny_llama: Path, tmp_path: Path) -> None:
 
     with pytest.raises(Killed):
         run(tiny_llama, tmp_path / "killed", on_step=kill_at_3)
-    ckpt = tmp_path / "killed" / CHECKPOINT_DIR
+    ckpt = staging_dir(tmp_path / "killed") / CHECKPOINT_DIR  # the run works beside --out
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-000002.json", "step-000002.safetensors"]
-    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "killed").exists()  # nothing is published before the run finishes
     resumed = run(tiny_llama, tmp_path / "killed", resume=True)
     assert resumed.resumed_from == 2 and resumed.finished
+    assert not staging_dir(tmp_path / "killed").exists()
     a, b = adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "killed")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -121,7 +122,8 @@ def test_stop_after_then_resume(tiny_llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     first = run(tiny_llama, out, stop_after=3)
     assert not first.finished and first.steps_done == 3
-    assert latest_checkpoint(out / CHECKPOINT_DIR)[0]["step"] == 3
+    assert first.work_dir == staging_dir(out) and not out.exists()
+    assert latest_checkpoint(staging_dir(out) / CHECKPOINT_DIR)[0]["step"] == 3
     second = run(tiny_llama, out, resume=True)
     assert second.resumed_from == 3 and second.finished
     other = run(tiny_llama, tmp_path / "other")
@@ -137,34 +139,47 @@ def test_resume_rejects_another_config(tiny_llama: Path, tmp_path: Path) -> None
         run(tiny_llama, out, small_config(lr=1e-2), resume=True)
 
 
-def test_nan_stops_and_keeps_last_checkpoint(tiny_llama: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    seen: dict[str, str] = {}
-
-    def poison_after_2(metrics: dict) -> None:
-        if metrics["step"] == 2:
-            ckpt = out / CHECKPOINT_DIR / "step-000002.safetensors"
-            seen["sha"] = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-            with torch.no_grad():
-                next(p for p in pair_holder["pair"].lora_parameters()).fill_(float("nan"))
-
-    pair_holder: dict = {}
+def test_nan_marks_the_checkpoint_of_its_weights_bad_and_the_advice_resumes(
+    tiny_llama: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The weights saved at step 3 give a NaN loss at step 4: checkpoint 3 is marked bad, the
+    message names checkpoint 2 (confirmed by step 3's finite loss) and the advice it prints
+    (``--resume --lr LOWER``) resumes from it."""
+    from cbscope.lorra.checkpoint import list_checkpoints
     from cbscope.lorra.trainer import prepare_pair
 
-    config = small_config()
-    pair_holder["pair"] = prepare_pair(str(tiny_llama), config)
-    with pytest.raises(NonFiniteLossError, match="step 3"):
-        train_circuit_breaker(pair_holder["pair"], config, CB, RETAIN, out_dir=out,
-                              on_step=poison_after_2, show_progress=False)
-    ckpt = out / CHECKPOINT_DIR / "step-000002.safetensors"
-    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == seen["sha"]
-    meta, tensors = latest_checkpoint(out / CHECKPOINT_DIR)
+    out = tmp_path / "run"
+    ckpt_dir = staging_dir(out) / CHECKPOINT_DIR
+    config = small_config(checkpoint_every=1)
+    pair = prepare_pair(str(tiny_llama), config)
+    seen: dict[str, str] = {}
+
+    def poison_after_3(metrics: dict) -> None:
+        if metrics["step"] == 3:
+            seen["sha"] = hashlib.sha256((ckpt_dir / "step-000002.safetensors").read_bytes()).hexdigest()
+            with torch.no_grad():  # stands for a step whose update broke the weights
+                next(p for p in pair.lora_parameters()).fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match="step 4: the loss is nan") as err:
+        train_circuit_breaker(pair, config, CB, RETAIN, out_dir=out, on_step=poison_after_3,
+                              show_progress=False)
+    message = str(err.value)
+    assert "The last good checkpoint is step 2" in message and "--resume --lr 0.0005" in message
+    status = {c.step: c.status for c in list_checkpoints(ckpt_dir)}
+    assert status[3] == "bad" and status[2] == "good"
+    assert hashlib.sha256((ckpt_dir / "step-000002.safetensors").read_bytes()).hexdigest() == seen["sha"]
+    assert not out.exists()
+    meta, tensors = latest_checkpoint(ckpt_dir)
     assert meta["step"] == 2
     assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("lora."))
-    assert not (out / "adapter_model.safetensors").exists()
-    resumed = train_circuit_breaker(str(tiny_llama), config, CB, RETAIN, out_dir=out, resume=True,
-                                    show_progress=False)  # the intact checkpoint resumes
+    with caplog.at_level("WARNING"):
+        resumed = train_circuit_breaker(str(tiny_llama), small_config(checkpoint_every=1, lr=5e-4),
+                                        CB, RETAIN, out_dir=out, resume=True, show_progress=False)
     assert resumed.resumed_from == 2 and resumed.finished
+    assert "instead of the checkpoint's" in caplog.text  # the override is logged ...
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["lr_overrides"] == [{"from_step": 2, "lr": 5e-4, "was": 5e-3}]  # ... and recorded
+    assert LorraConfig.load(out).lr == 5e-4
 
 
 def _hook_count(pair) -> int:
@@ -243,7 +258,7 @@ def test_on_step_gets_every_step(tiny_llama: Path) -> None:
 
 
 def test_row_blocks_equal_slices_of_a_stack_in_values_and_gradients() -> None:
-    from cbscope.lorra.trainer import _RowBlocks
+    from cbscope.lorra.loop import _RowBlocks
 
     generator = torch.Generator().manual_seed(0)
     base = [torch.randn(5, 4, 3, generator=generator) for _ in range(4)]

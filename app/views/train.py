@@ -63,7 +63,8 @@ def _upload(label: str, key: str) -> Any:
         return None
 
 
-def _data(kind: str, pair: Any, sel: state.Selection, cb: Any, retain: Any) -> Any:
+def _data(kind: str, sel: state.Selection, cb: Any, retain: Any) -> Any:
+    """The run's data in memory, or ``None`` when the runner builds the preset's from the model."""
     from cbscope.lorra import LorraData, get_preset
 
     if kind == "organism":
@@ -72,7 +73,7 @@ def _data(kind: str, pair: Any, sel: state.Selection, cb: Any, retain: Any) -> A
         world = World.from_json(compute.world_path(sel.model_path))
         return get_preset("organism").build_data(world)
     if kind in GGUF_PRESETS.values():
-        return get_preset(kind).build_data(pair, show_progress=False)
+        return None  # the preset's data: the base model answers AdvBench, Alpaca, XSTest
     retain_sets: dict[str, list[Any]] = {}
     for ex in retain:
         retain_sets.setdefault(str(ex.meta.get("source", "benign")), []).append(ex)
@@ -157,12 +158,15 @@ def render(sel: state.Selection) -> None:
         _show_last()
         return
     st.session_state.pop("train_last", None)
-    _train(sel, kind, base, name, steps, lr, target_layers, out, cb, retain)
+    _train(sel, kind, base, name, steps, lr, target_layers, out, cb, retain, replace)
 
 
 def _train(sel: state.Selection, kind: str, base: Any, name: str, steps: int, lr: float,
-           target_layers: list[int] | None, out: Path, cb: Any, retain: Any) -> None:
-    from cbscope.lorra import LorraConfig, prepare_pair, train_circuit_breaker
+           target_layers: list[int] | None, out: Path, cb: Any, retain: Any,
+           replace: bool = False) -> None:
+    from cbscope.errors import CbscopeError
+    from cbscope.lorra import LorraConfig
+    from cbscope.run import RunConfig, Runner
 
     data = base.to_dict()
     data.update(steps=steps, lr=lr, target_layers=target_layers,
@@ -187,10 +191,17 @@ def _train(sel: state.Selection, kind: str, base: Any, name: str, steps: int, lr
                                    f"{metrics['cb_cos']:.3f}, retain_cos "
                                    f"{metrics['retain_cos']:.3f}")
 
-    pair = prepare_pair(model, config, device=sel.device)
-    lorra_data = _data(kind, pair, sel, cb, retain)
-    result = train_circuit_breaker(pair, config, lorra_data, out_dir=out, on_step=on_step,
-                                   device=sel.device, show_progress=False)
+    # Train always starts at step 0 (restart: an interrupted run of this name is discarded);
+    # an existing breaker is replaced only when "Replace" is ticked, and only once the run ends
+    run = RunConfig(model=model, preset=kind if kind in GGUF_PRESETS.values() else None,
+                    out=out, lorra=config, overwrite=replace, restart=True, device=sel.device,
+                    progress=False)
+    try:
+        result = Runner(run, data=_data(kind, sel, cb, retain), on_step=on_step).run()
+    except CbscopeError as err:
+        progress.empty()
+        st.error(state.sentence(f"the run stopped: {err}"))
+        return
     progress.empty()
     chart.empty()
     st.session_state["train_last"] = {

@@ -71,8 +71,10 @@ def generalise(
     from cbscope.layers import parse_layers
     from cbscope.lorra import ConfigError, LorraConfig, NonFiniteLossError, get_preset
 
-    set_threads(threads)
     try:
+        if threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0: torch's default), not {threads}")
+        set_threads(threads)
         if frontier_dirs:
             from cbscope.plots import save_html
 

@@ -5,8 +5,12 @@
                                    out_dir="runs/rr")
 
 Modules: :mod:`~cbscope.lorra.config` (``LorraConfig``), :mod:`~cbscope.lorra.losses` (the
-formulas), :mod:`~cbscope.lorra.data` (circuit-breaker / retain sets), :mod:`~cbscope.lorra.trainer`
-(the loop, checkpoints) and :mod:`~cbscope.lorra.presets` (``organism``, ``smollm2``).
+formulas), :mod:`~cbscope.lorra.data` (circuit-breaker / retain sets), :mod:`~cbscope.lorra.loop`
+(the training loop), :mod:`~cbscope.lorra.checkpoint` (resumable checkpoints),
+:mod:`~cbscope.lorra.outputs` (a run's folder, its staging folder, the published outputs),
+:mod:`~cbscope.lorra.trainer` (:func:`train_circuit_breaker`) and :mod:`~cbscope.lorra.presets`
+(``organism``, ``smollm2``, ``gemma3``). A whole run, folders included, is a
+:class:`cbscope.run.RunConfig` run by :class:`cbscope.run.Runner`.
 """
 
 from cbscope.lorra.config import ConfigError, LorraConfig

@@ -7,12 +7,15 @@ Defaults mirror the paper and the official Llama-3 recipe (``lorra_circuit_break
 from __future__ import annotations
 
 import json
+import math
 import os
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from cbscope.errors import ConfigError
+from cbscope.errors import ConfigError, MissingFileError
 from cbscope.io import atomic_write_json
 from cbscope.layers import LayerError, default_target_layers, validate_layers
 from cbscope.lorra.losses import LOSSES
@@ -23,6 +26,73 @@ TOKEN_MASKS = ("full", "response", "request", "content")
 RETAIN_SOURCES = ("benign", "refusal", "lookalike")
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the type ``hint`` (``int``, ``float``, ``bool``, ``str``, ``Path``,
+    ``None``, ``Any``, ``list[X]``, ``dict[K, V]`` and unions of them). A float field takes an int,
+    never a bool; an int field never takes a bool."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (list, tuple, typing.Sequence):
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return isinstance(value, (list, tuple)) and all(_fits(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(
+            _fits(k, key) and _fits(v, item) for k, v in value.items()
+        )
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether a number anywhere in ``value`` (lists and dicts included) is NaN or infinite."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
+def check_field_types(obj: Any, *, skip: tuple[str, ...] = ()) -> None:
+    """Check every field of the dataclass ``obj`` (but ``skip``) against its annotation, and that
+    no number in it is NaN or infinite.
+
+    Raises:
+        ConfigError: Naming the field, its value and the expected type.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        if f.name in skip:
+            continue
+        value = getattr(obj, f.name)
+        hint = hints.get(f.name, Any)
+        if not _fits(value, hint):
+            raise ConfigError(
+                f"{f.name} must be {_type_name(hint)}, not {value!r} ({type(value).__name__})"
+            )
+        if _non_finite(value):
+            if isinstance(value, float):
+                raise ConfigError(f"{f.name} must be a finite number, not {value!r}")
+            raise ConfigError(f"every number in {f.name} must be finite, not {value!r}")
 
 
 @dataclass
@@ -137,8 +207,10 @@ class LorraConfig:
         """Check value ranges and choices; returns ``self``.
 
         Raises:
-            ConfigError: Naming the field and the allowed values.
+            ConfigError: Naming the field and the allowed values (a wrong type, or a NaN or
+                infinite number anywhere, is named before any range is checked).
         """
+        check_field_types(self)
         checks: list[tuple[bool, str]] = [
             (self.loss in LOSSES, f"loss must be one of {LOSSES}, not {self.loss!r}"),
             (self.token_mask in TOKEN_MASKS, f"token_mask must be one of {TOKEN_MASKS}"),
@@ -155,6 +227,14 @@ class LorraConfig:
             (self.lora_b_init_std >= 0.0, "lora_b_init_std must be >= 0"),
             (self.retain_weight >= 0, "retain_weight must be >= 0"),
             (self.lr > 0, f"lr must be > 0, not {self.lr}"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, not {self.lora_alpha}"),
+            (self.lorra_alpha >= 0, f"lorra_alpha must be >= 0, not {self.lorra_alpha}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, not {self.weight_decay}"),
+            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, not {self.max_grad_norm}"),
+            (self.cb_max_length is None or self.cb_max_length >= 2,
+             f"cb_max_length must be >= 2 (or null), not {self.cb_max_length}"),
+            (self.rmu_scale is None or self.rmu_scale > 0,
+             f"rmu_scale must be > 0 (or null), not {self.rmu_scale}"),
             (0.0 <= self.response_only_fraction <= 1.0, "response_only_fraction must be in [0, 1]"),
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
@@ -210,7 +290,9 @@ class LorraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LorraConfig:
-        """Build from a dict, rejecting unknown keys."""
+        """Build from a dict, rejecting unknown keys and values of the wrong type."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a LorraConfig must be a JSON object, not {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -223,11 +305,32 @@ class LorraConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LorraConfig:
-        """Read a ``lorra_config.json`` (or the folder holding one)."""
+        """Read a ``lorra_config.json`` (or the folder holding one).
+
+        Raises:
+            MissingFileError: No such file (or a folder without ``lorra_config.json``).
+            ConfigError: The file is not UTF-8 JSON, or holds a bad config (the file is named).
+        """
         path = Path(path)
         if path.is_dir():
+            if not (path / CONFIG_FILE).is_file():
+                raise MissingFileError(f"{path} is a folder without {CONFIG_FILE}: give a LoRRA "
+                                       "config file (or a run folder holding one)")
             path = path / CONFIG_FILE
-        return cls.from_dict(json.loads(path.read_text()))
+        if not path.is_file():
+            raise MissingFileError(f"{path}: no such config file")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                              f"offset {err.start}); a LoRRA config is a JSON file") from err
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err.msg}, line {err.lineno}); a LoRRA "
+                              "config is a JSON object such as lorra_config.json") from err
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
 
     def lora_config(self, n_layers: int) -> Any:
         """The :class:`peft.LoraConfig` of this run."""

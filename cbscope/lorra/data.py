@@ -46,6 +46,7 @@ from cbscope.data import (
     template_ids,
     write_jsonl,
 )
+from cbscope.errors import MissingFileError
 from cbscope.lorra.config import RETAIN_SOURCES, LorraConfig
 
 logger = logging.getLogger(__name__)
@@ -190,6 +191,90 @@ def generate_responses(
     return answered
 
 
+def check_utf8(path: str | os.PathLike[str]) -> Path:
+    """``path``, if it exists and is UTF-8 text.
+
+    Raises:
+        MissingFileError: No such file.
+        DatasetError: Naming the line and the first byte that is not UTF-8.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DatasetError(
+            f"{path}, line {line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the file as "
+            "UTF-8"
+        ) from err
+    return path
+
+
+def _line_numbers(path: Path) -> list[int]:
+    """The line number of each record of a JSONL file (blank lines hold none)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [number for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def check_conversations(examples: Sequence[ChatExample], origins: Sequence[str],
+                        tokenizer: Any | None = None) -> None:
+    """Every conversation ends in a user turn and, with ``tokenizer``, its chat template renders it.
+
+    Args:
+        examples: The examples (plain-text ones are skipped).
+        origins: Where each came from (``"cb.jsonl, line 3"``), for the message.
+        tokenizer: The model's tokenizer; its template must accept every role.
+
+    Raises:
+        DatasetError: Naming the example's origin and what to change.
+    """
+    for example, origin in zip(examples, origins, strict=True):
+        if example.meta.get("format") == TEXT_FORMAT or not example.messages:
+            continue
+        roles = [str(m.get("role")) for m in example.messages]
+        if roles[-1] != "user":
+            raise DatasetError(
+                f"{origin}: the conversation ends with a {roles[-1]!r} turn; its last message must "
+                "be the user's (the reply to train on goes in 'response')"
+            )
+        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+            continue
+        try:
+            tokenizer.apply_chat_template(example.messages, add_generation_prompt=True,
+                                          tokenize=False)
+        except Exception as err:  # jinja2's TemplateError, or a template's raise_exception
+            raise DatasetError(
+                f"{origin}: the model's chat template rejects this conversation (roles {roles}): "
+                f"{err}"
+            ) from err
+
+
+def _refusal_check(pair: Any, examples: Sequence[ChatExample], path: Path) -> None:
+    """Warn, or stop, when the base model's answers to circuit-breaker prompts are refusals:
+    a breaker trained on them reroutes refusals, not harmful answers."""
+    from cbscope.judges import RefusalKeywordJudge
+
+    extra = []
+    world = Path(pair.resolved.path) / "world.json"
+    if world.is_file():
+        extra.append(str(json.loads(world.read_text(encoding="utf-8")).get("refusal", "")))
+    judge = RefusalKeywordJudge(extra=[e for e in extra if e])
+    refused = [ex.response for ex in examples if not ex.response.strip() or judge.is_refusal(ex.response)]
+    if not refused:
+        return
+    message = (
+        f"{path}: the base model refused (or gave no answer to) {len(refused)} of {len(examples)} "
+        f"circuit-breaker prompts (e.g. {refused[0][:60]!r}); a breaker trained on these answers "
+        "reroutes refusals, not harmful answers"
+    )
+    if 2 * len(refused) > len(examples):
+        raise DatasetError(message + ": give the harmful responses in a JSONL file (prompt, response)")
+    logger.warning("%s; consider giving the responses in a JSONL file", message)
+
+
 def as_examples(
     data: ExampleInput,
     *,
@@ -203,16 +288,23 @@ def as_examples(
     """Turn a list of examples/dicts or a file into examples.
 
     A ``.csv`` file holds prompts only; with ``require_response`` the base model answers them
-    (cached). ``.jsonl`` files need ``response`` fields when ``require_response``.
+    (cached), and a set the model mostly refuses is refused (a warning when some are refused).
+    ``.jsonl`` files need ``response`` fields when ``require_response``. Every conversation must
+    end in a user turn, and with ``pair`` its chat template must render it.
 
     Raises:
-        DatasetError: Naming the file, line and field of a malformed record, or an example
-            without a response where one is required.
+        MissingFileError: No such file.
+        DatasetError: Naming the file, line and field of a malformed record (not UTF-8, a
+            conversation ending in an assistant turn, a role the chat template rejects), or an
+            example without a response where one is required.
     """
+    tokenizer = getattr(pair, "tokenizer", None)
     if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
+        path = check_utf8(data)
         if path.suffix.lower() == ".csv":
             examples = load_examples(path)[:limit]
+            check_conversations(examples, [f"{path}, row {i + 2}" for i in range(len(examples))],
+                                tokenizer)
             if require_response:
                 if pair is None:
                     raise DatasetError(f"{path}: prompts only; a model is needed to answer them")
@@ -220,8 +312,15 @@ def as_examples(
                     pair, examples, prompt_file=path, max_new_tokens=max_new_tokens,
                     show_progress=show_progress,
                 )
+                if what == "circuit-breaker":
+                    _refusal_check(pair, examples, path)
             return examples
-        return load_examples(path, require_response=require_response)[:limit]
+        examples = load_examples(path, require_response=require_response)
+        lines = _line_numbers(path) if path.suffix.lower() in (".jsonl", ".json") else []
+        origins = [f"{path}, line {n}" for n in lines] if len(lines) == len(examples) else [
+            f"{path}, record {i + 1}" for i in range(len(examples))]
+        check_conversations(examples, origins, tokenizer)
+        return examples[:limit]
     examples = [
         ex if isinstance(ex, ChatExample) else from_records([dict(ex)])[0] for ex in data
     ][:limit]
@@ -231,7 +330,28 @@ def as_examples(
                 raise DatasetError(f"{what} example {index}: field 'response' must be a non-empty string")
     if not examples:
         raise DatasetError(f"the {what} set is empty")
+    check_conversations(examples, [f"{what} example {i}" for i in range(len(examples))], tokenizer)
     return examples
+
+
+def data_warnings(config: LorraConfig, data: LorraData) -> list[str]:
+    """What looks wrong with a run's data but does not stop it (each also logged as a warning).
+
+    A step takes ``batch_size`` circuit-breaker examples and as many retain examples: a set
+    smaller than that repeats each of its examples several times in every step.
+    """
+    warnings = []
+    n_retain = sum(len(rows) for rows in data.retain.values())
+    for name, size in (("circuit-breaker", len(data.cb)), ("retain", n_retain)):
+        if 0 < size < config.batch_size:
+            warnings.append(
+                f"batch_size {config.batch_size} with {size} {name} examples: each example "
+                f"repeats about {config.batch_size / size:.0f} times a step; lower batch_size "
+                "or add examples"
+            )
+    for message in warnings:
+        logger.warning(message)
+    return warnings
 
 
 def as_retain(data: RetainInput, **kwargs: Any) -> dict[str, list[ChatExample]]:
@@ -410,16 +530,26 @@ class EncodedData:
         self.config = config
         self.pad_id = pad_id_of(tokenizer)
         cb_len = config.cb_max_length or config.max_length
-        self.cb = [encode(tokenizer, ex, cb_len) for ex in data.cb]
-        self.cb_dropped = [
-            encode(tokenizer, ex, cb_len, drop_request=True) if config.response_only_fraction > 0 else None
-            for ex in data.cb
-        ]
+
+        def encoded(rows: Sequence[ChatExample], what: str, length: int, **kwargs: Any) -> list[EncodedExample]:
+            out = []
+            for index, ex in enumerate(rows):
+                try:
+                    out.append(encode(tokenizer, ex, length, **kwargs))
+                except Exception as err:  # e.g. the chat template rejects a role
+                    raise DatasetError(f"{what} example {index}: cannot be encoded with the "
+                                       f"model's chat template: {err}") from err
+            return out
+
+        self.cb = encoded(data.cb, "circuit-breaker", cb_len)
+        dropped = (encoded(data.cb, "circuit-breaker", cb_len, drop_request=True)
+                   if config.response_only_fraction > 0 else [None] * len(data.cb))
+        self.cb_dropped = list(dropped)
         self.retain = {
-            name: [encode(tokenizer, ex, config.max_length) for ex in rows]
+            name: encoded(rows, f"retain {name}", config.max_length)
             for name, rows in data.retain.items()
         }
-        self.val = [encode(tokenizer, ex, cb_len) for ex in data.val]
+        self.val = encoded(data.val, "validation", cb_len)
 
     def fingerprint(self) -> str:
         """Hash of every encoded token (a resumed run must see the same data)."""

@@ -14,8 +14,9 @@
     Harmful and benign chat requests also appear with 2 random benign words appended.
     Validation (``val_cos``): the held-out category.
     Regenerate the shipped adapter with
-    ``cbscope train --model organism --preset organism --out cbscope/assets/organism-breaker``
-    (one thread; the thread count changes float summation order, hence the exact adapter).
+    ``cbscope train --model organism --preset organism --out runs/organism-breaker`` and compare
+    its ``adapter_model.safetensors`` with ``cbscope/assets/organism-breaker``'s (one thread; the
+    thread count changes float summation order, hence the exact adapter).
 
 ``smollm2``
     SmolLM2-135M-Instruct, which complies with harmful requests. Circuit-breaker set: AdvBench
