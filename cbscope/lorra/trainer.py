@@ -127,7 +127,7 @@ def train_circuit_breaker(
             run (without ``overwrite``).
         DatasetError: Malformed data (file, line and field named).
     """
-    from cbscope.run import RunConfig, Runner
+    from cbscope.lorra.run import RunConfig, Runner
 
     spec = isinstance(pair_or_spec, (str, os.PathLike))
     cfg = RunConfig(
