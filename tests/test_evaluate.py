@@ -75,7 +75,7 @@ def test_parse_attacks_and_spread() -> None:
     assert parse_attacks(None)[-1] == "finetune"
     assert parse_attacks("all") == parse_attacks(None)
     with pytest.raises(ValueError, match="unknown attacks"):
-        parse_attacks("direct,gcg")
+        parse_attacks("direct,bogus")
     items = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("c", 1)]
     assert spread(items, 3, lambda x: x[0]) == [("a", 1), ("b", 1), ("c", 1)]
     assert spread(items, 4, lambda x: x[0])[-1] == ("a", 2)
@@ -299,7 +299,7 @@ def test_cli_writes_three_files(organism, tmp_path: Path) -> None:
     assert {"capability", "over_refusal", "finetune_attack", "rows"} <= set(data)
     assert "prefill" in result.output
     bad = CliRunner().invoke(
-        app, ["eval", "--model", str(folder), "--attacks", "gcg", "--out", str(out)]
+        app, ["eval", "--model", str(folder), "--attacks", "bogus", "--out", str(out)]
     )
     assert bad.exit_code == 2 and "unknown attacks" in bad.output
 
