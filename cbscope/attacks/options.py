@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 import types
@@ -127,18 +128,19 @@ def check_finite(options: Any, *, owner: str = "") -> None:
 
 def field_docs(cls: type) -> dict[str, str]:
     """``{field: description}`` from the ``Attributes:`` section of a Google-style docstring."""
-    doc = cls.__doc__ or ""
-    match = re.search(r"^\s*Attributes:\s*$(.*?)(?:^\s*\w[\w ]*:\s*$|\Z)", doc, re.M | re.S)
-    if not match:
-        return {}
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    names = {f.name for f in dataclasses.fields(cls)}
     docs: dict[str, str] = {}
-    current = None
-    for line in match.group(1).splitlines():
-        entry = re.match(r"^\s{4,8}(\w+)(?: \([^)]*\))?:\s*(.*)$", line)
-        if entry and entry.group(1) in {f.name for f in dataclasses.fields(cls)}:
+    inside, current = False, None
+    for line in lines:
+        if not line.startswith(" "):
+            inside, current = line.strip() == "Attributes:", None
+            continue
+        entry = re.match(r"^ {4}(\w+)(?: \([^)]*\))?:\s*(.*)$", line)
+        if inside and entry and entry.group(1) in names:
             current = entry.group(1)
             docs[current] = entry.group(2).strip()
-        elif current and line.strip():
+        elif inside and current and line.startswith("     "):
             docs[current] += " " + line.strip()
     return {name: _plain(text) for name, text in docs.items()}
 

@@ -160,6 +160,12 @@ class Attack:
                 ``validate`` refuses, or a field the generation settings own.
         """
         values = dict(values or {})
+        own = [f.name for f in dataclasses.fields(self.Options) if f.name not in self.generation_fields]
+        unknown = sorted(set(values) - set(own) - set(self.generation_fields))
+        if unknown:
+            raise ConfigError(
+                f"unknown options {unknown} for {self.name}; its options: {', '.join(own) or 'none'}"
+            )
         shared = sorted(set(values) & set(self.generation_fields))
         if shared:
             raise ConfigError(
