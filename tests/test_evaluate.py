@@ -371,3 +371,22 @@ def test_behaviour_multiturn_rates_recount(organism) -> None:
             assert result["by_category"][category][metric] == pytest.approx(
                 _mean(r["verdict"] for r in rows if r["category"] == category)
             )
+
+
+def test_html_is_the_markdown_rendered_by_markdown_it() -> None:
+    """The page's tables and headings come from the Markdown (numbers right-aligned), text from
+    the run is escaped, and every section of the Markdown is on the page."""
+    rows = [
+        {"section": "attack", "attack": "direct", "mode": mode, "prompt": "p", "prefill": "",
+         "response": "r", "success": ok, "harmful": ok, "outcome": "complied" if ok else "refused",
+         "split": "heldout"}
+        for mode, ok in (("base", True), ("cb", False))
+    ]
+    report = Report.from_rows(rows, {"model": "<script>alert(1)</script>", "suite": "organism"})
+    page = report.html()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert '<th style="text-align:right">base</th>' in page
+    assert "<td>direct</td>" in page and '<td style="text-align:right">100.0%</td>' in page
+    headings = [line[3:] for line in report.markdown().splitlines() if line.startswith("## ")]
+    assert headings and all(f"<h2>{h}</h2>" in page for h in headings)
+    assert page.index("<h1>") < page.index("Plotly.newPlot") < page.index("<h2>")
