@@ -142,3 +142,34 @@ def test_report_dir_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a file"):
         report.save(tmp_path / "f")
     assert (tmp_path / "f").read_text() == "keep"
+
+
+def test_options_the_model_cannot_take_fail_before_the_first_attack(
+    tiny_organism: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers, an init string or target modules the model does not have, a held-out category
+    the world does not have: refused after the model loads, before any attack runs."""
+    from cbscope.attacks import RepeConfig, SoftPromptConfig, get_attack
+    from cbscope.errors import CbscopeError, ConfigError, LayerError
+    from cbscope.evaluate import EvalConfig, evaluate_pair
+    from cbscope.pair import load_pair
+
+    def no_attack(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an attack ran before the bad option was refused")
+
+    monkeypatch.setattr(type(get_attack("direct")), "run", no_attack)
+    pair = load_pair(tiny_organism)
+    cases: list[tuple[dict, type[CbscopeError], str]] = [
+        ({"attacks": ["direct", "repe"], "repe": RepeConfig(layers=[99])}, LayerError, "99"),
+        ({"attacks": ["direct", "soft_prompt"], "soft_prompt": SoftPromptConfig(init=" ")},
+         ConfigError, "has no tokens"),
+        ({"attacks": ["direct", "finetune"]}, ConfigError, "target modules"),
+        ({"attacks": ["direct"], "heldout_categories": ["nope"]}, ConfigError, "unknown harm"),
+        ({"attacks": ["direct"], "modes": ["cb"]}, ConfigError, "no adapter"),
+    ]
+    for values, error, message in cases:
+        config = EvalConfig(limit=2, **values)
+        if values["attacks"][-1] == "finetune":
+            config = config.with_options({"finetune": {"target_modules": ["nope"]}})
+        with pytest.raises(error, match=message):
+            evaluate_pair(pair, config=config, show_progress=False)

@@ -328,6 +328,21 @@ class FinetuneAttack(Attack):
     spans_modes = True
     description = "LoRA fine-tuning of a merged copy on harmful examples (ASR per step)"
 
+    def check(self, ctx: AttackContext, options: FinetuneAttackConfig) -> None:
+        """Also refuse target modules the model does not have, and an empty training set.
+
+        Raises:
+            ConfigError: No module of ``target_modules`` in the model, or no training example.
+        """
+        super().check(ctx, options)
+        # names only: the pair's own projections may be wrapped by its adapter's LoRA layers
+        present = {name.rsplit(".", 1)[-1] for name, _ in ctx.pair.model.named_modules()}
+        wanted = options.target_modules or DEFAULT_TARGET_MODULES
+        if not present & set(wanted):
+            raise ConfigError(f"finetune: none of the LoRA target modules {list(wanted)} exist")
+        if not ctx.suite.finetune_train:
+            raise ConfigError("finetune: the suite has no training examples")
+
     def evaluate(self, ctx: AttackContext, options: FinetuneAttackConfig) -> AttackOutcome:
         """Every curve's judged responses as ``section="finetune"`` rows (with ``lr``, ``step``)."""
         pair, suite, gen = ctx.pair, ctx.suite, ctx.generation

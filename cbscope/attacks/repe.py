@@ -276,6 +276,16 @@ class RepeAttack(Attack):
     meta_key = "repe"
     description = "difference-of-means steering of the residual stream (forward hooks)"
 
+    def check(self, ctx: AttackContext, options: RepeConfig) -> None:
+        """Also refuse layers the model does not have (before any attack runs).
+
+        Raises:
+            LayerError: A layer outside ``1 .. n_layers``.
+        """
+        super().check(ctx, options)
+        if options.layers is not None:
+            validate_layers(options.layers, ctx.pair.n_layers, what="repe layer")
+
     def run(self, ctx: AttackContext, mode: str, options: RepeConfig) -> AttackRun:
         """Steer while answering; answers get the shared budget and batch size."""
         config = RepeConfig(

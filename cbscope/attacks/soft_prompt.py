@@ -555,6 +555,18 @@ class SoftPromptAttack(Attack):
     meta_key = "soft_prompt"
     description = "optimised input embeddings after the request (signed gradient toward a target)"
 
+    def check(self, ctx: AttackContext, options: SoftPromptConfig) -> None:
+        """Also refuse an ``init`` string the tokenizer turns into no tokens.
+
+        Raises:
+            ConfigError: An empty initialisation.
+        """
+        super().check(ctx, options)
+        if options.init is not None and not ctx.pair.tokenizer(
+            options.init, add_special_tokens=False
+        )["input_ids"]:
+            raise ConfigError(f"soft_prompt init {options.init!r} has no tokens")
+
     def run(self, ctx: AttackContext, mode: str, options: SoftPromptConfig) -> AttackRun:
         """Optimise one soft prompt per item; answers get the shared ``max_new_tokens``."""
         config = SoftPromptConfig(
