@@ -43,7 +43,13 @@ from cbscope.errors import ConfigError
 from cbscope.evaluate import EvalConfig, evaluate_pair, organism_suite, parse_attacks
 
 BUILTIN = (
-    "direct", "prefill", "template", "multiturn", "multiturn_prefill", "soft_prompt", "repe",
+    "direct",
+    "prefill",
+    "template",
+    "multiturn",
+    "multiturn_prefill",
+    "soft_prompt",
+    "repe",
     "finetune",
 )
 
@@ -56,7 +62,10 @@ def test_registry_lists_the_builtin_attacks_in_report_order() -> None:
         assert attack.description
     assert get_attack("soft_prompt").Options is SoftPromptConfig
     assert get_attack("repe").Options is RepeConfig
-    assert get_attack("finetune").Options is FinetuneAttackConfig and get_attack("finetune").spans_modes
+    assert (
+        get_attack("finetune").Options is FinetuneAttackConfig
+        and get_attack("finetune").spans_modes
+    )
     assert get_attack("direct").Options is NoOptions
     with pytest.raises(ConfigError, match="unknown attacks"):
         get_attack("bogus")
@@ -117,8 +126,11 @@ def test_options_are_type_checked_and_finite() -> None:
 
 def test_with_options_fills_the_attack_fields() -> None:
     config = EvalConfig().with_options(
-        {"soft_prompt": {"steps": 9}, "repe": {"coeff": -2, "layers": [1, 2]},
-         "finetune": {"lrs": [0.01]}}
+        {
+            "soft_prompt": {"steps": 9},
+            "repe": {"coeff": -2, "layers": [1, 2]},
+            "finetune": {"lrs": [0.01]},
+        }
     )
     assert config.soft_prompt.steps == 9 and config.soft_prompt.n_tokens == 20
     assert config.repe.coeff == -2.0 and config.repe.layers == [1, 2]
@@ -159,9 +171,16 @@ def organism_pair(tiny_organism: Path, tmp_path_factory: pytest.TempPathFactory)
 
     adapter = tmp_path_factory.mktemp("registry_adapter") / "cb"
     torch.manual_seed(0)
-    pair = load_pair(tiny_organism, lora_config=LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-        layers_to_transform=[2, 3]))
+    pair = load_pair(
+        tiny_organism,
+        lora_config=LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
+            layers_to_transform=[2, 3],
+        ),
+    )
     pair.save_adapter(adapter)
     (adapter / "train_info.json").write_text(json.dumps({"holdout_category": "chem"}))
     return load_pair(tiny_organism, adapter)
@@ -173,8 +192,13 @@ def test_registry_runs_equal_the_attack_functions(organism_pair) -> None:
     from cbscope.evaluate import organism_world
 
     pair = organism_pair
-    config = EvalConfig(limit=3, soft_prompt=SoftPromptConfig(n_tokens=3, steps=2),
-                        soft_prompt_limit=2, repe_reference=4, repe=RepeConfig(layers=[2]))
+    config = EvalConfig(
+        limit=3,
+        soft_prompt=SoftPromptConfig(n_tokens=3, steps=2),
+        soft_prompt_limit=2,
+        repe_reference=4,
+        repe=RepeConfig(layers=[2]),
+    )
     suite = organism_suite(pair, organism_world(pair), config)
     generation = config.generation(suite.kind)
     assert (generation.max_new_tokens, generation.batch_size) == (20, 64)
@@ -189,31 +213,52 @@ def test_registry_runs_equal_the_attack_functions(organism_pair) -> None:
 
     expected = {
         "direct": lambda mode: direct_attack(
-            pair, prompts(suite.harmful), mode=mode, metas=metas(suite.harmful), **gen),
+            pair, prompts(suite.harmful), mode=mode, metas=metas(suite.harmful), **gen
+        ),
         "prefill": lambda mode: prefill_attack(
-            pair, prompts(suite.harmful),
+            pair,
+            prompts(suite.harmful),
             [str(it.meta.get("prefill") or DEFAULT_PREFILL) for it in suite.harmful],
-            mode=mode, metas=metas(suite.harmful), **gen),
+            mode=mode,
+            metas=metas(suite.harmful),
+            **gen,
+        ),
         "template": lambda mode: template_attack(
-            pair, prompts(suite.template), mode=mode, metas=metas(suite.template), **gen),
+            pair, prompts(suite.template), mode=mode, metas=metas(suite.template), **gen
+        ),
         "multiturn": lambda mode: multiturn_attack(
-            pair, [with_history(it.meta["history"], it.prompt) for it in suite.multiturn], None,
-            mode=mode, metas=[{k: v for k, v in m.items() if k != "history"}
-                              for m in metas(suite.multiturn)], **gen),
+            pair,
+            [with_history(it.meta["history"], it.prompt) for it in suite.multiturn],
+            None,
+            mode=mode,
+            metas=[{k: v for k, v in m.items() if k != "history"} for m in metas(suite.multiturn)],
+            **gen,
+        ),
         "multiturn_prefill": lambda mode: multiturn_attack(
-            pair, [with_history(it.meta["history"], it.prompt) for it in suite.multiturn],
+            pair,
+            [with_history(it.meta["history"], it.prompt) for it in suite.multiturn],
             [str(it.meta["prefill"]) for it in suite.multiturn],
-            mode=mode, metas=[{k: v for k, v in m.items() if k != "history"}
-                              for m in metas(suite.multiturn)], **gen),
+            mode=mode,
+            metas=[{k: v for k, v in m.items() if k != "history"} for m in metas(suite.multiturn)],
+            **gen,
+        ),
         "soft_prompt": lambda mode: soft_prompt_attack(
-            pair, prompts(suite.soft), [str(it.meta["target"]) for it in suite.soft], mode=mode,
+            pair,
+            prompts(suite.soft),
+            [str(it.meta["target"]) for it in suite.soft],
+            mode=mode,
             config=SoftPromptConfig(n_tokens=3, steps=2, max_new_tokens=20),
-            metas=metas(suite.soft)),
+            metas=metas(suite.soft),
+        ),
         "repe": lambda mode: repe_attack(
-            pair, prompts(suite.harmful), positive=suite.repe_positive,
-            negative=suite.repe_negative, mode=mode,
+            pair,
+            prompts(suite.harmful),
+            positive=suite.repe_positive,
+            negative=suite.repe_negative,
+            mode=mode,
             config=RepeConfig(layers=[2], max_new_tokens=20, batch_size=64),
-            metas=metas(suite.harmful)),
+            metas=metas(suite.harmful),
+        ),
     }
     for name, call in expected.items():
         attack = get_attack(name)
@@ -247,16 +292,23 @@ def test_a_new_attack_is_one_registered_class(organism_pair, tmp_path: Path) -> 
 
         def requests(self, suite: Any, options: ShoutOptions) -> Requests:
             items = suite.harmful
-            return Requests([it.prompt + options.suffix for it in items],
-                            [dict(it.meta) for it in items])
+            return Requests(
+                [it.prompt + options.suffix for it in items], [dict(it.meta) for it in items]
+            )
 
     register_attack(ShoutAttack)
     try:
         assert "shout" in attack_names()
-        config = EvalConfig(limit=2, n_algo=2, n_retain=4, firing=False,
-                            attack_options={"shout": {"suffix": " now"}})
-        report = evaluate_pair(organism_pair, attacks="shout,direct", config=config,
-                               show_progress=False)
+        config = EvalConfig(
+            limit=2,
+            n_algo=2,
+            n_retain=4,
+            firing=False,
+            attack_options={"shout": {"suffix": " now"}},
+        )
+        report = evaluate_pair(
+            organism_pair, attacks="shout,direct", config=config, show_progress=False
+        )
         assert list(report.attacks) == ["shout", "direct"]
         rows = [r for r in report.rows if r.get("attack") == "shout"]
         assert len(rows) == 4 and all(r["prompt"].endswith(" now") for r in rows)
@@ -264,10 +316,24 @@ def test_a_new_attack_is_one_registered_class(organism_pair, tmp_path: Path) -> 
         # the CLI lists its options and takes them as JSON
         assert "suffix (str, default '!'): Appended to every request" in _help_text()
         out = tmp_path / "report"
-        result = CliRunner().invoke(app, [
-            "eval", "--model", str(organism_pair.resolved.path), "--attacks", "shout",
-            "--attack-options", '{"shout": {"suffix": "?"}}', "--limit", "2", "--out", str(out),
-            "--no-progress", "--no-firing"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "eval",
+                "--model",
+                str(organism_pair.resolved.path),
+                "--attacks",
+                "shout",
+                "--attack-options",
+                '{"shout": {"suffix": "?"}}',
+                "--limit",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-firing",
+            ],
+        )
         assert result.exit_code == 0, result.output
         saved = json.loads((out / "report.json").read_text())
         assert {r["prompt"][-1] for r in saved["rows"] if r.get("attack") == "shout"} == {"?"}
@@ -299,8 +365,10 @@ def test_help_lists_every_attack_option() -> None:
 
 def test_organism_does_not_import_the_attacks() -> None:
     """The organism's own evaluation uses cbscope.organism.prompts, not cbscope.attacks."""
-    code = ("import sys, cbscope.organism.evaluate, cbscope.organism.prompts; "
-            "print(any(m.startswith('cbscope.attacks') for m in sys.modules))")
+    code = (
+        "import sys, cbscope.organism.evaluate, cbscope.organism.prompts; "
+        "print(any(m.startswith('cbscope.attacks') for m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     from cbscope.attacks import organism_template_prompts

@@ -59,21 +59,33 @@ CASES = {
     "bad source rows": (["--out", "report", "--source-rows", "some"], "source_rows"),
     "options not json": (["--out", "report", "--attack-options", "{bad"], "not JSON"),
     "options unknown attack": (
-        ["--out", "report", "--attack-options", '{"bogus": {}}'], "unknown attacks"),
+        ["--out", "report", "--attack-options", '{"bogus": {}}'],
+        "unknown attacks",
+    ),
     "options unknown field": (
         ["--out", "report", "--attack-options", '{"soft_prompt": {"stepz": 1}}'],
-        "unknown options ['stepz']"),
+        "unknown options ['stepz']",
+    ),
     "options wrong type": (
         ["--out", "report", "--attack-options", '{"soft_prompt": {"steps": "10"}}'],
-        "steps must be int"),
-    "options nan": (
-        ["--out", "report", "--attack-options", '{"repe": {"coeff": NaN}}'], "finite"),
+        "steps must be int",
+    ),
+    "options nan": (["--out", "report", "--attack-options", '{"repe": {"coeff": NaN}}'], "finite"),
     "options shared field": (
         ["--out", "report", "--attack-options", '{"repe": {"batch_size": 2}}'],
-        "generation settings"),
+        "generation settings",
+    ),
     "flag and options disagree": (
-        ["--out", "report", "--soft-prompt-steps", "5",
-         "--attack-options", '{"soft_prompt": {"steps": 6}}'], "set twice"),
+        [
+            "--out",
+            "report",
+            "--soft-prompt-steps",
+            "5",
+            "--attack-options",
+            '{"soft_prompt": {"steps": 6}}',
+        ],
+        "set twice",
+    ),
     "nan step size": (["--out", "report", "--soft-prompt-step-size", "nan"], "finite"),
     "infinite lr": (["--out", "report", "--finetune-lrs", "1e-3,inf"], "finite"),
     "bad positions": (["--out", "report", "--repe-positions", "sideways"], "positions"),
@@ -100,8 +112,9 @@ def test_bad_eval_input_is_a_named_error_before_any_work(workdir: Path, case: st
     assert _hashes(workdir) == before
 
 
-@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() == 0,
-                    reason="needs a folder root could still write to")
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.geteuid() == 0, reason="needs a folder root could still write to"
+)
 def test_unwritable_out_is_refused_before_any_work(workdir: Path) -> None:
     from cbscope.cli import app
 
@@ -161,8 +174,11 @@ def test_options_the_model_cannot_take_fail_before_the_first_attack(
     pair = load_pair(tiny_organism)
     cases: list[tuple[dict, type[CbscopeError], str]] = [
         ({"attacks": ["direct", "repe"], "repe": RepeConfig(layers=[99])}, LayerError, "99"),
-        ({"attacks": ["direct", "soft_prompt"], "soft_prompt": SoftPromptConfig(init=" ")},
-         ConfigError, "has no tokens"),
+        (
+            {"attacks": ["direct", "soft_prompt"], "soft_prompt": SoftPromptConfig(init=" ")},
+            ConfigError,
+            "has no tokens",
+        ),
         ({"attacks": ["direct", "finetune"]}, ConfigError, "target modules"),
         ({"attacks": ["direct"], "heldout_categories": ["nope"]}, ConfigError, "unknown harm"),
         ({"attacks": ["direct"], "modes": ["cb"]}, ConfigError, "no adapter"),

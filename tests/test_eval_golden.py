@@ -92,7 +92,13 @@ def test_shipped_organism_eval_equals_the_pre_refactor_rows() -> None:
     finally:
         torch.set_num_threads(threads)
     assert list(report.attacks) == [
-        "direct", "prefill", "template", "multiturn", "multiturn_prefill", "soft_prompt", "repe",
+        "direct",
+        "prefill",
+        "template",
+        "multiturn",
+        "multiturn_prefill",
+        "soft_prompt",
+        "repe",
         "finetune",
     ]
     now = golden_form(report.rows)

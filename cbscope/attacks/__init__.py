@@ -22,6 +22,10 @@ Each module also registers its attack (an :class:`~cbscope.attacks.protocol.Atta
 options dataclass, ``run`` on a pair and an :class:`EvalSuite` with the shared
 :class:`GenerationSettings`) in :mod:`cbscope.attacks.registry`; ``cbscope eval`` dispatches
 through it. Importing this package imports every module in it, so a new attack is one module.
+The shared pieces: :mod:`~cbscope.attacks.protocol` (the protocol), :mod:`~cbscope.attacks.registry`,
+:mod:`~cbscope.attacks.options` (options from JSON, their ``--help`` lines),
+:mod:`~cbscope.attacks.generate` (decoding, and the base of attacks that only choose prompts),
+:mod:`~cbscope.attacks.suite` (what attacks run on) and :mod:`~cbscope.attacks.rows` (report rows).
 """
 
 import importlib as _importlib
@@ -87,7 +91,11 @@ for _module in _pkgutil.iter_modules(__path__):
 #: attacks registered later).
 ATTACK_NAMES: tuple[str, ...] = attack_names()
 
-_ORGANISM_PROMPTS = ("organism_first_turns", "organism_multiturn_prompts", "organism_template_prompts")
+_ORGANISM_PROMPTS = (
+    "organism_first_turns",
+    "organism_multiturn_prompts",
+    "organism_template_prompts",
+)
 
 
 def __getattr__(name: str) -> _Any:

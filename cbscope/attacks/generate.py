@@ -66,8 +66,13 @@ def generation_attack(
     """The body every generation-only attack shares: greedy answers to ``prompts`` (after
     ``prefills``, if any) in ``mode``, packed as an :class:`AttackRun` called ``name``."""
     responses = generate_responses(
-        pair, prompts, mode=mode, prefills=prefills, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, show_progress=show_progress,
+        pair,
+        prompts,
+        mode=mode,
+        prefills=prefills,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        show_progress=show_progress,
     )
     return AttackRun(
         name, mode, list(prompts), responses, list(prefills or []), copy_metas(metas, len(prompts))

@@ -86,7 +86,9 @@ class GenerationSettings:
         if self.best_of_n < 1:
             raise ConfigError(f"best_of_n must be >= 1, not {self.best_of_n}")
         if self.sampling == "greedy" and self.best_of_n > 1:
-            raise ConfigError("best_of_n > 1 needs sampling='sample' (greedy answers are all equal)")
+            raise ConfigError(
+                "best_of_n > 1 needs sampling='sample' (greedy answers are all equal)"
+            )
         return self
 
     @property
@@ -160,7 +162,9 @@ class Attack:
                 ``validate`` refuses, or a field the generation settings own.
         """
         values = dict(values or {})
-        own = [f.name for f in dataclasses.fields(self.Options) if f.name not in self.generation_fields]
+        own = [
+            f.name for f in dataclasses.fields(self.Options) if f.name not in self.generation_fields
+        ]
         unknown = sorted(set(values) - set(own) - set(self.generation_fields))
         if unknown:
             raise ConfigError(
@@ -229,4 +233,3 @@ class Attack:
             if line.split(" ", 1)[0] not in self.generation_fields
         ]
         return [head, *(f"  {line}" for line in fields)] if fields else [f"{head}; no options"]
-

@@ -46,7 +46,8 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
         raise TypeError(f"attack {name!r}: Options must be a dataclass, not {cls.Options!r}")
     known = _REGISTRY.get(name)
     same = known is not None and (type(known).__module__, type(known).__qualname__) == (
-        cls.__module__, cls.__qualname__
+        cls.__module__,
+        cls.__qualname__,
     )
     if known is not None and not same:
         raise ValueError(f"attack {name!r} is already registered by {type(known).__module__}")

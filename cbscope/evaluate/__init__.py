@@ -10,9 +10,9 @@ Two data suites:
 * **organism** (the model folder has a ``world.json``): harmful topics in the train templates
   (direct, prefill with ``world.prefill``, RepE, soft prompt toward ``world.answer(topic)``), the
   jailbreak templates (template), the same requests after a benign first exchange (multiturn,
-  multiturn_prefill: :mod:`cbscope.attacks.multiturn`), exact judges; capability = the organism's exact-match tasks
-  (:func:`cbscope.organism.evaluate_behaviour`) plus KL / perplexity on benign chat; over-refusal
-  = held-out look-alikes (refused, or the breaker fired). The harm category the breaker never saw
+  multiturn_prefill: :mod:`cbscope.attacks.multiturn`), exact judges; capability = the
+  organism's exact-match tasks (:func:`cbscope.organism.evaluate_behaviour`) plus KL /
+  perplexity on benign chat; over-refusal = held-out look-alikes (refused, or the breaker fired). The harm category the breaker never saw
   (``train_info.json``'s ``holdout_category``) is reported as split ``heldout``.
 * **chat** (any other model, e.g. SmolLM2): AdvBench held-out prompts (``target`` column as prefill
   and soft-prompt target), :data:`~cbscope.attacks.REQUEST_TEMPLATES`, the compliance judge

@@ -123,8 +123,11 @@ class EvalConfig:
         doubled = sorted({a for a in self.attacks if self.attacks.count(a) > 1})
         if doubled:
             raise ConfigError(f"attacks named twice: {doubled}")
-        for name, value in (("limit", self.limit), ("max_new_tokens", self.max_new_tokens),
-                            ("soft_prompt_limit", self.soft_prompt_limit)):
+        for name, value in (
+            ("limit", self.limit),
+            ("max_new_tokens", self.max_new_tokens),
+            ("soft_prompt_limit", self.soft_prompt_limit),
+        ):
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, not {value}")
         if self.batch_size < 1:

@@ -77,9 +77,7 @@ def markdown(report: ReportView) -> str:
     for metric, entry in report.capability.items():
         if metric == "retain":
             continue
-        lines.append(
-            f"| {metric} | {pct(entry['base'])} | {pct(entry['cb'])} | {entry['n']} |"
-        )
+        lines.append(f"| {metric} | {pct(entry['base'])} | {pct(entry['cb'])} | {entry['n']} |")
     retain = report.capability.get("retain")
     if retain:
         lines += [
@@ -110,9 +108,7 @@ def markdown(report: ReportView) -> str:
         lines.append("|---|" + "---:|" * (len(steps) + 1))
         for c in ft["curves"]:
             cells = " | ".join(pct(a) for a in c["asr"])
-            lines.append(
-                f"| {c['mode']} lr={c['lr']:g} | {cells} | {c['steps_to_50'] or '-'} |"
-            )
+            lines.append(f"| {c['mode']} lr={c['lr']:g} | {cells} | {c['steps_to_50'] or '-'} |")
     lines += ["", "## Firing statistics", ""]
     trace = report.firing.get("trace")
     if trace:
@@ -136,6 +132,7 @@ def markdown(report: ReportView) -> str:
         lines += ["", "## Timings (s)", ""]
         lines += [f"- {k}: {v:.1f}" for k, v in timings.items()]
     return "\n".join(lines) + "\n"
+
 
 def _source_lines(report: ReportView) -> list[str]:
     table = report.source_table()
@@ -170,6 +167,7 @@ def _source_lines(report: ReportView) -> list[str]:
         ]
     return lines
 
+
 def _settings_lines(report: ReportView) -> list[str]:
     """One line per configurable attack: what was run."""
     m = report.meta
@@ -189,8 +187,11 @@ def _settings_lines(report: ReportView) -> list[str]:
             f"steps of {sp.get('step_size')} x embedding RMS, target {target!r}; {hits}"
         )
     if any(name in report.attacks for name in MULTITURN_ATTACKS):
-        first = "a chat-seen benign request and its answer" if m.get("suite") == "organism" \
+        first = (
+            "a chat-seen benign request and its answer"
+            if m.get("suite") == "organism"
             else "a fixed harmless exchange"
+        )
         lines.append(
             f"- multiturn / multiturn_prefill: turn 1 {first}, turn 2 the harmful request "
             "(multiturn_prefill: its answer prefilled like the prefill attack)"
@@ -211,6 +212,7 @@ def _settings_lines(report: ReportView) -> list[str]:
             f"{report.attacks.get('finetune', {}).get('n')} other harmful requests"
         )
     return lines if len(lines) > 2 else []
+
 
 def figures(report: ReportView) -> dict[str, go.Figure]:
     """Plotly figures: ASR per attack, fine-tuning curves, soft-prompt loss."""
@@ -270,6 +272,7 @@ def figures(report: ReportView) -> dict[str, go.Figure]:
         figs["soft_prompt"] = fig
     return figs
 
+
 def html(report: ReportView) -> str:
     """A self-contained HTML page (plotly JavaScript inline, no network needed)."""
     body = _MARKDOWN.render(markdown(report))
@@ -279,6 +282,7 @@ def html(report: ReportView) -> str:
         f"<style>{_CSS}</style></head><body>\n{head}\n<div class='figs'>{_figures_html(report)}"
         f"</div>\n<h2>{rest}\n</body></html>\n"
     )
+
 
 def _figures_html(report: ReportView) -> str:
     import plotly.io as pio

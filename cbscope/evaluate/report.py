@@ -45,7 +45,9 @@ def check_report_dir(out_dir: str | os.PathLike[str]) -> Path:
         )
     for name in REPORT_FILES.values():
         if (out / name).is_dir():
-            raise ConfigError(f"--out {out}: {out / name} is a folder; remove it or pick another --out")
+            raise ConfigError(
+                f"--out {out}: {out / name} is a folder; remove it or pick another --out"
+            )
     parent = out
     while not parent.exists():
         parent = parent.parent
