@@ -75,7 +75,7 @@ def test_parse_attacks_and_spread() -> None:
     assert parse_attacks(None)[-1] == "finetune"
     assert parse_attacks("all") == parse_attacks(None)
     with pytest.raises(ValueError, match="unknown attacks"):
-        parse_attacks("direct,gcg")
+        parse_attacks("direct,bogus")
     items = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("c", 1)]
     assert spread(items, 3, lambda x: x[0]) == [("a", 1), ("b", 1), ("c", 1)]
     assert spread(items, 4, lambda x: x[0])[-1] == ("a", 2)
@@ -299,7 +299,7 @@ def test_cli_writes_three_files(organism, tmp_path: Path) -> None:
     assert {"capability", "over_refusal", "finetune_attack", "rows"} <= set(data)
     assert "prefill" in result.output
     bad = CliRunner().invoke(
-        app, ["eval", "--model", str(folder), "--attacks", "gcg", "--out", str(out)]
+        app, ["eval", "--model", str(folder), "--attacks", "bogus", "--out", str(out)]
     )
     assert bad.exit_code == 2 and "unknown attacks" in bad.output
 
@@ -371,3 +371,22 @@ def test_behaviour_multiturn_rates_recount(organism) -> None:
             assert result["by_category"][category][metric] == pytest.approx(
                 _mean(r["verdict"] for r in rows if r["category"] == category)
             )
+
+
+def test_html_is_the_markdown_rendered_by_markdown_it() -> None:
+    """The page's tables and headings come from the Markdown (numbers right-aligned), text from
+    the run is escaped, and every section of the Markdown is on the page."""
+    rows = [
+        {"section": "attack", "attack": "direct", "mode": mode, "prompt": "p", "prefill": "",
+         "response": "r", "success": ok, "harmful": ok, "outcome": "complied" if ok else "refused",
+         "split": "heldout"}
+        for mode, ok in (("base", True), ("cb", False))
+    ]
+    report = Report.from_rows(rows, {"model": "<script>alert(1)</script>", "suite": "organism"})
+    page = report.html()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert '<th style="text-align:right">base</th>' in page
+    assert "<td>direct</td>" in page and '<td style="text-align:right">100.0%</td>' in page
+    headings = [line[3:] for line in report.markdown().splitlines() if line.startswith("## ")]
+    assert headings and all(f"<h2>{h}</h2>" in page for h in headings)
+    assert page.index("<h1>") < page.index("Plotly.newPlot") < page.index("<h2>")

@@ -17,7 +17,20 @@ One module per attack:
 Every attack but fine-tuning returns an :class:`AttackRun` (prompts, prefills, responses,
 metadata) for a judge (:mod:`cbscope.judges`); :func:`cbscope.evaluate.evaluate_pair` runs them all
 and writes the report.
+
+Each module also registers its attack (an :class:`~cbscope.attacks.protocol.Attack`: a name, an
+options dataclass, ``run`` on a pair and an :class:`EvalSuite` with the shared
+:class:`GenerationSettings`) in :mod:`cbscope.attacks.registry`; ``cbscope eval`` dispatches
+through it. Importing this package imports every module in it, so a new attack is one module.
+The shared pieces: :mod:`~cbscope.attacks.protocol` (the protocol), :mod:`~cbscope.attacks.registry`,
+:mod:`~cbscope.attacks.options` (options from JSON, their ``--help`` lines),
+:mod:`~cbscope.attacks.generate` (decoding, and the base of attacks that only choose prompts),
+:mod:`~cbscope.attacks.suite` (what attacks run on) and :mod:`~cbscope.attacks.rows` (report rows).
 """
+
+import importlib as _importlib
+import pkgutil as _pkgutil
+from typing import Any as _Any
 
 from cbscope.attacks.base import MODES, AttackRun, model_mode
 from cbscope.attacks.direct import direct_attack, generate_responses
@@ -27,14 +40,24 @@ from cbscope.attacks.finetune import (
     attack_copy,
     finetune_attack,
 )
+from cbscope.attacks.generate import GenerationAttack, Requests, generation_attack
 from cbscope.attacks.multiturn import (
     CHAT_FIRST_TURN,
     MULTITURN_ATTACKS,
+    default_multiturn,
     multiturn_attack,
-    organism_multiturn_prompts,
     with_history,
 )
+from cbscope.attacks.options import NoOptions, describe_options, options_from_dict
 from cbscope.attacks.prefill import DEFAULT_PREFILL, prefill_attack, prefills_for
+from cbscope.attacks.protocol import Attack, AttackContext, AttackOutcome, GenerationSettings
+from cbscope.attacks.registry import (
+    attack_names,
+    get_attack,
+    register_attack,
+    registered_attacks,
+    unregister_attack,
+)
 from cbscope.attacks.repe import (
     RepeConfig,
     difference_of_means,
@@ -43,6 +66,7 @@ from cbscope.attacks.repe import (
     repe_attack,
     steering,
 )
+from cbscope.attacks.rows import AttackRow, FinetuneRow, attack_rows
 from cbscope.attacks.soft_prompt import (
     SoftPromptConfig,
     SoftPromptResult,
@@ -51,24 +75,38 @@ from cbscope.attacks.soft_prompt import (
     soft_prompt_attack,
     target_loss,
 )
+from cbscope.attacks.suite import EvalSuite, Item
 from cbscope.attacks.template import (
     REQUEST_TEMPLATES,
     TemplateError,
-    organism_template_prompts,
     template_attack,
     wrap_requests,
 )
 
-#: Attack names, in report order.
-ATTACK_NAMES: tuple[str, ...] = (
-    "direct",
-    "prefill",
-    "template",
-    *MULTITURN_ATTACKS,
-    "soft_prompt",
-    "repe",
-    "finetune",
+for _module in _pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        _importlib.import_module(f"{__name__}.{_module.name}")
+
+#: Attack names, in report order: every registered attack (see :func:`attack_names` for
+#: attacks registered later).
+ATTACK_NAMES: tuple[str, ...] = attack_names()
+
+_ORGANISM_PROMPTS = (
+    "organism_first_turns",
+    "organism_multiturn_prompts",
+    "organism_template_prompts",
 )
+
+
+def __getattr__(name: str) -> _Any:
+    # the organism's prompt generators live in cbscope.organism.prompts; re-exported lazily, as
+    # importing the organism package loads transformers
+    if name in _ORGANISM_PROMPTS:
+        from cbscope.organism import prompts
+
+        return getattr(prompts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ATTACK_NAMES",
@@ -77,33 +115,52 @@ __all__ = [
     "MODES",
     "MULTITURN_ATTACKS",
     "REQUEST_TEMPLATES",
+    "Attack",
+    "AttackContext",
+    "AttackOutcome",
+    "AttackRow",
     "AttackRun",
+    "EvalSuite",
     "FinetuneAttackConfig",
     "FinetuneCurve",
+    "FinetuneRow",
+    "GenerationAttack",
+    "GenerationSettings",
+    "Item",
+    "NoOptions",
     "RepeConfig",
+    "Requests",
     "SoftPromptConfig",
     "SoftPromptResult",
     "TemplateError",
     "attack_copy",
+    "attack_names",
+    "attack_rows",
+    "default_multiturn",
+    "describe_options",
     "difference_of_means",
     "direct_attack",
     "finetune_attack",
     "generate_responses",
+    "generation_attack",
+    "get_attack",
     "greedy_generate_embeds",
     "mean_representations",
     "model_mode",
     "multiturn_attack",
     "optimise_soft_prompts",
-    "organism_multiturn_prompts",
-    "organism_template_prompts",
+    "options_from_dict",
     "prefill_attack",
     "prefills_for",
     "refusal_compliance_sets",
+    "register_attack",
+    "registered_attacks",
     "repe_attack",
     "soft_prompt_attack",
     "steering",
     "target_loss",
     "template_attack",
+    "unregister_attack",
     "with_history",
     "wrap_requests",
 ]

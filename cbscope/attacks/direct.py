@@ -5,61 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from cbscope.attacks.base import AttackRun, copy_metas, model_mode
-from cbscope.data import Conversation
-from cbscope.generation import generate_text
+from cbscope.attacks.base import AttackRun
+from cbscope.attacks.generate import (
+    GenerationAttack,
+    Requests,
+    generate_responses,
+    generation_attack,
+)
+from cbscope.attacks.registry import register_attack
+from cbscope.attacks.suite import EvalSuite, item_metas, item_prompts
 
 if TYPE_CHECKING:
     from cbscope.pair import ModelPair
 
-
-def generate_responses(
-    pair: ModelPair,
-    prompts: Sequence[str | Conversation],
-    *,
-    mode: str = "cb",
-    prefills: Sequence[str] | None = None,
-    max_new_tokens: int = 32,
-    batch_size: int = 32,
-    show_progress: bool = False,
-) -> list[str]:
-    """Greedy responses of ``pair`` in ``mode`` (``pair.generator``, KV cache on).
-
-    ``prompts`` are user messages or role/content conversations (multi-turn).
-    """
-    with model_mode(pair, mode):
-        return generate_text(
-            pair.generator,
-            pair.tokenizer,
-            list(prompts),
-            prefills=list(prefills) if prefills is not None else None,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            show_progress=show_progress,
-        )
-
-
-def generation_attack(
-    name: str,
-    pair: ModelPair,
-    prompts: Sequence[str | Conversation],
-    prefills: Sequence[str] | None = None,
-    *,
-    mode: str = "cb",
-    metas: Sequence[dict[str, Any]] | None = None,
-    max_new_tokens: int = 32,
-    batch_size: int = 32,
-    show_progress: bool = False,
-) -> AttackRun:
-    """The body every generation-only attack shares: greedy answers to ``prompts`` (after
-    ``prefills``, if any) in ``mode``, packed as an :class:`AttackRun` called ``name``."""
-    responses = generate_responses(
-        pair, prompts, mode=mode, prefills=prefills, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, show_progress=show_progress,
-    )
-    return AttackRun(
-        name, mode, list(prompts), responses, list(prefills or []), copy_metas(metas, len(prompts))
-    )
+__all__ = ["DirectAttack", "direct_attack", "generate_responses", "generation_attack"]
 
 
 def direct_attack(
@@ -87,3 +46,16 @@ def direct_attack(
         "direct", pair, prompts, mode=mode, metas=metas, max_new_tokens=max_new_tokens,
         batch_size=batch_size, show_progress=show_progress,
     )
+
+
+@register_attack
+class DirectAttack(GenerationAttack):
+    """The suite's harmful requests, unchanged."""
+
+    name = "direct"
+    order = 10
+    description = "the harmful request as it is (the no-attack baseline)"
+
+    def requests(self, suite: EvalSuite, options: Any) -> Requests:
+        """``suite.harmful``."""
+        return Requests(item_prompts(suite.harmful), item_metas(suite.harmful))

@@ -25,9 +25,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from cbscope.attacks.base import check_mode
+from cbscope.attacks.base import AttackRun, check_mode
+from cbscope.attacks.generate import generate_responses
+from cbscope.attacks.options import check_finite
+from cbscope.attacks.protocol import Attack, AttackContext, AttackOutcome
+from cbscope.attacks.registry import register_attack
+from cbscope.attacks.rows import attack_rows
+from cbscope.attacks.suite import item_metas, item_prompts
 from cbscope.data import encode_chat, pad_id_of
+from cbscope.errors import ConfigError
 from cbscope.generation import generate_text
+from cbscope.judges import run_judge
 
 if TYPE_CHECKING:
     from cbscope.pair import ModelPair
@@ -79,11 +87,20 @@ class FinetuneAttackConfig:
     seed: int = 0
 
     def validate(self) -> FinetuneAttackConfig:
-        """Check value ranges; returns ``self``."""
+        """Check value ranges; returns ``self``.
+
+        Raises:
+            ConfigError: A learning rate that is not a finite positive number, or a count < 1.
+        """
+        check_finite(self, owner="finetune")
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
-            raise ValueError(f"lrs must be positive learning rates, not {self.lrs}")
+            raise ConfigError(f"finetune lrs must be positive learning rates, not {self.lrs}")
         if self.steps < 1 or self.eval_every < 1 or self.batch_size < 1 or self.n_examples < 1:
-            raise ValueError("steps, eval_every, batch_size and n_examples must be >= 1")
+            raise ConfigError("finetune steps, eval_every, batch_size and n_examples must be >= 1")
+        if self.rank < 1 or self.max_length < 2 or self.max_new_tokens < 1 or self.eval_batch_size < 1:
+            raise ConfigError(
+                "finetune rank, max_new_tokens and eval_batch_size must be >= 1, max_length >= 2"
+            )
         return self
 
 
@@ -206,8 +223,6 @@ def finetune_attack(
     """
     from peft import LoraConfig, get_peft_model
 
-    from cbscope.judges import run_judge
-
     config = (config or FinetuneAttackConfig()).validate()
     check_mode(mode)
     if not train_examples:
@@ -293,3 +308,88 @@ def curve_dict(curve: FinetuneCurve) -> dict[str, Any]:
     data = asdict(curve)
     data.pop("responses")
     return data
+
+
+@register_attack
+class FinetuneAttack(Attack):
+    """:func:`finetune_attack` on ``suite.finetune_train``, judged on ``suite.finetune_eval``.
+
+    The circuit-broken model gets every learning rate, the base model the middle one (all of
+    them without an adapter; none with ``EvalConfig.finetune_base=False``). With
+    ``suite.info["finetune_generate"]`` (chat models) the training answers are the base model's
+    completions of each example's prefill.
+    """
+
+    name = "finetune"
+    Options = FinetuneAttackConfig
+    options_field = "finetune"
+    generation_fields = ("max_new_tokens", "eval_batch_size")
+    order = 80
+    spans_modes = True
+    description = "LoRA fine-tuning of a merged copy on harmful examples (ASR per step)"
+
+    def check(self, ctx: AttackContext, options: FinetuneAttackConfig) -> None:
+        """Also refuse target modules the model does not have, and an empty training set.
+
+        Raises:
+            ConfigError: No module of ``target_modules`` in the model, or no training example.
+        """
+        super().check(ctx, options)
+        # names only: the pair's own projections may be wrapped by its adapter's LoRA layers
+        present = {name.rsplit(".", 1)[-1] for name, _ in ctx.pair.model.named_modules()}
+        wanted = options.target_modules or DEFAULT_TARGET_MODULES
+        if not present & set(wanted):
+            raise ConfigError(f"finetune: none of the LoRA target modules {list(wanted)} exist")
+        if not ctx.suite.finetune_train:
+            raise ConfigError("finetune: the suite has no training examples")
+
+    def evaluate(self, ctx: AttackContext, options: FinetuneAttackConfig) -> AttackOutcome:
+        """Every curve's judged responses as ``section="finetune"`` rows (with ``lr``, ``step``)."""
+        pair, suite, gen = ctx.pair, ctx.suite, ctx.generation
+        train = list(suite.finetune_train)
+        if suite.info.get("finetune_generate"):
+            prompts = [p for p, _ in train]
+            prefills = [t for _, t in train]
+            answers = generate_responses(
+                pair,
+                prompts,
+                mode="base",
+                prefills=prefills,
+                max_new_tokens=gen.max_new_tokens,
+                batch_size=gen.batch_size,
+            )
+            train = [
+                (p, f"{t} {a}".strip()) for p, t, a in zip(prompts, prefills, answers, strict=True)
+            ]
+        lrs = list(options.lrs)
+        primary = lrs[len(lrs) // 2]
+        losses: dict[str, list[float]] = {}
+        eval_prompts, eval_metas = item_prompts(suite.finetune_eval), item_metas(suite.finetune_eval)
+        finetune_base = getattr(ctx.config, "finetune_base", True)
+        rows: list[dict[str, Any]] = []
+        for mode in sorted(ctx.modes, key=lambda m: m != "cb"):
+            mode_lrs = lrs if mode == "cb" or not pair.has_adapter else [primary]
+            if mode == "base" and pair.has_adapter and not finetune_base:
+                continue
+            config = FinetuneAttackConfig(
+                **{
+                    **asdict(options),
+                    "lrs": mode_lrs,
+                    "max_new_tokens": gen.max_new_tokens,
+                    "eval_batch_size": gen.batch_size,
+                }
+            )
+            curves = finetune_attack(
+                pair, train, eval_prompts, mode=mode, config=config, show_progress=ctx.show_progress
+            )
+            for curve in curves:
+                losses[f"{mode} lr={curve.lr:g}"] = curve.losses
+                for step, responses in zip(curve.steps, curve.responses, strict=True):
+                    run = AttackRun(self.name, mode, eval_prompts, responses, metas=eval_metas)
+                    verdicts = run_judge(suite.judge, run.prompts, run.responses, run.judge_metas())
+                    for row in attack_rows(run, verdicts, section="finetune"):
+                        row.update(lr=curve.lr, step=step)
+                        rows.append(dict(row))
+        return AttackOutcome(
+            rows, {"finetune_primary_lr": primary, "finetune_losses": losses}
+        )

@@ -8,8 +8,9 @@ request arrives after an innocuous first turn that the model answered helpfully.
   organism's ``world.prefill``, AdvBench's ``target``), as in the prefilling attack.
 
 For the organism the first turn is a chat-trained benign request with its exact expected answer
-(:func:`organism_multiturn_prompts`); for real chat models a fixed harmless exchange
-(:data:`CHAT_FIRST_TURN`). Responses are judged like single-turn ones.
+(:func:`cbscope.organism.prompts.organism_multiturn_prompts`, re-exported here); for real chat
+models a fixed harmless exchange (:data:`CHAT_FIRST_TURN`, :func:`default_multiturn`). Responses
+are judged like single-turn ones.
 """
 
 from __future__ import annotations
@@ -18,13 +19,25 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cbscope.attacks.base import AttackRun
-from cbscope.attacks.direct import generation_attack
-from cbscope.attacks.prefill import prefills_for
+from cbscope.attacks.generate import GenerationAttack, Requests, generation_attack
+from cbscope.attacks.prefill import item_prefills, prefills_for
+from cbscope.attacks.registry import register_attack
+from cbscope.attacks.suite import EvalSuite, Item, item_metas
 from cbscope.data import Conversation, as_messages
 
 if TYPE_CHECKING:
-    from cbscope.organism.world import Topic, World
     from cbscope.pair import ModelPair
+
+__all__ = [
+    "CHAT_FIRST_TURN",
+    "MULTITURN_ATTACKS",
+    "MultiturnAttack",
+    "MultiturnPrefillAttack",
+    "check_conversations",
+    "default_multiturn",
+    "multiturn_attack",
+    "with_history",
+]
 
 MULTITURN_ATTACKS: tuple[str, ...] = ("multiturn", "multiturn_prefill")
 
@@ -40,67 +53,30 @@ def with_history(history: Sequence[dict[str, str]], request: str) -> Conversatio
     return [*(dict(message) for message in history), {"role": "user", "content": request}]
 
 
-def organism_first_turns(world: World) -> list[tuple[str, str]]:
-    """Benign chat-seen requests (train templates) with their exact answers: ``(request, answer)``.
+def check_conversations(conversations: Sequence[Conversation]) -> list[Conversation]:
+    """Copies of ``conversations`` as role/content lists, each ending in a user turn.
 
-    Ordered so that consecutive entries cycle through topics and templates.
+    Raises:
+        PromptError: A malformed message.
+        ValueError: A conversation that does not end with a user turn.
     """
-    rows = world.benign_examples("seen", "train")
-    if not rows:
-        raise ValueError("the world has no chat-seen benign topics for a first turn")
-    by_topic: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_topic.setdefault(row["topic"], []).append(row)
-    ordered: list[tuple[str, str]] = []
-    depth = 0
-    while len(ordered) < len(rows):
-        for members in by_topic.values():
-            if depth < len(members):
-                ordered.append((members[depth]["prompt"], members[depth]["response"]))
-        depth += 1
-    return ordered
+    checked = [as_messages(c) for c in conversations]
+    for index, conversation in enumerate(checked):
+        if conversation[-1]["role"] != "user":
+            raise ValueError(f"conversation {index} must end with a user turn")
+    return checked
 
 
-def organism_multiturn_prompts(
-    world: World,
-    topics: Sequence[Topic] | None = None,
-    templates: Sequence[str] | None = None,
-) -> tuple[list[Conversation], list[dict[str, Any]]]:
-    """Two-turn organism conversations: a benign request and its answer, then a harmful request.
-
-    One conversation per (harmful topic, template) (default: every harmful topic in the train
-    templates, the requests of the ``prefill_asr`` metric); the first turns cycle through
-    :func:`organism_first_turns`.
-
-    Returns:
-        ``(conversations, metas)``; each meta holds ``topic``, ``category``, ``template``,
-        ``request`` (the harmful turn), ``first_turn`` and ``prefill`` (``world.prefill``).
-    """
-    topics = list(topics) if topics is not None else world.select("harmful")
-    templates = list(templates) if templates is not None else list(world.train_templates)
-    first = organism_first_turns(world)
-    conversations: list[Conversation] = []
-    metas: list[dict[str, Any]] = []
-    for template in templates:
-        for topic in topics:
-            request = world.render_request(topic, template)
-            benign, answer = first[len(conversations) % len(first)]
-            history = [
-                {"role": "user", "content": benign},
-                {"role": "assistant", "content": answer},
-            ]
-            conversations.append(with_history(history, request))
-            metas.append(
-                {
-                    "topic": topic.name,
-                    "category": topic.category,
-                    "template": template,
-                    "request": request,
-                    "first_turn": benign,
-                    "prefill": world.prefill,
-                }
-            )
-    return conversations, metas
+def default_multiturn(harmful: Sequence[Item]) -> list[Item]:
+    """The harmful requests after the fixed benign first exchange :data:`CHAT_FIRST_TURN`."""
+    first = CHAT_FIRST_TURN[0]["content"]
+    return [
+        Item(
+            it.prompt,
+            {**it.meta, "request": it.prompt, "first_turn": first, "history": list(CHAT_FIRST_TURN)},
+        )
+        for it in harmful
+    ]
 
 
 def multiturn_attack(
@@ -130,13 +106,48 @@ def multiturn_attack(
     Returns:
         An :class:`AttackRun` whose ``prompts`` are the conversations.
     """
-    conversations = [as_messages(c) for c in conversations]
-    for index, conversation in enumerate(conversations):
-        if conversation[-1]["role"] != "user":
-            raise ValueError(f"conversation {index} must end with a user turn")
+    conversations = check_conversations(conversations)
     values = None if prefills is None else prefills_for(len(conversations), prefills)
     return generation_attack(
         "multiturn" if values is None else "multiturn_prefill", pair, conversations, values,
         mode=mode, metas=metas, max_new_tokens=max_new_tokens, batch_size=batch_size,
         show_progress=show_progress,
     )
+
+
+@register_attack
+class MultiturnAttack(GenerationAttack):
+    """The suite's multi-turn requests (``suite.multiturn``, else :func:`default_multiturn`)."""
+
+    name = "multiturn"
+    order = 40
+    description = "a benign first exchange, then the harmful request"
+    prefilled: bool = False
+
+    def requests(self, suite: EvalSuite, options: Any) -> Requests:
+        """Each item's ``meta["history"]`` then its prompt (with its prefill when prefilled)."""
+        items = suite.multiturn or default_multiturn(suite.harmful)
+        conversations = check_conversations(
+            [with_history(it.meta.get("history") or [], it.prompt) for it in items]
+        )
+        metas = [{k: v for k, v in m.items() if k != "history"} for m in item_metas(items)]
+        return Requests(list(conversations), metas, item_prefills(items) if self.prefilled else None)
+
+
+@register_attack
+class MultiturnPrefillAttack(MultiturnAttack):
+    """:class:`MultiturnAttack` with the harmful turn's answer prefilled."""
+
+    name = "multiturn_prefill"
+    order = 50
+    description = "a benign first exchange, then the harmful request with its answer prefilled"
+    prefilled = True
+
+
+def __getattr__(name: str) -> Any:
+    # lazy re-exports (see cbscope.attacks.template)
+    if name in ("organism_first_turns", "organism_multiturn_prompts"):
+        from cbscope.organism import prompts
+
+        return getattr(prompts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

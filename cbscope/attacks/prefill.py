@@ -11,11 +11,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cbscope.attacks.base import AttackRun
-from cbscope.attacks.direct import generation_attack
+from cbscope.attacks.generate import GenerationAttack, Requests, generation_attack
+from cbscope.attacks.registry import register_attack
+from cbscope.attacks.suite import EvalSuite, Item, item_metas, item_prompts
 
 if TYPE_CHECKING:
     from cbscope.data import ChatExample
     from cbscope.pair import ModelPair
+
+__all__ = ["DEFAULT_PREFILL", "PrefillAttack", "item_prefills", "prefill_attack", "prefills_for"]
 
 DEFAULT_PREFILL = "Sure, here is"
 
@@ -79,3 +83,22 @@ def prefill_attack(
         "prefill", pair, prompts, prefills_for(len(prompts), prefills), mode=mode, metas=metas,
         max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress,
     )
+
+
+def item_prefills(items: Sequence[Item]) -> list[str]:
+    """Each item's ``meta["prefill"]`` (:data:`DEFAULT_PREFILL` where it has none)."""
+    return [str(it.meta.get("prefill") or DEFAULT_PREFILL) for it in items]
+
+
+@register_attack
+class PrefillAttack(GenerationAttack):
+    """The suite's harmful requests with their answer prefilled (``meta["prefill"]``)."""
+
+    name = "prefill"
+    order = 20
+    description = "an affirmative assistant prefix before the answer (the organism's or the target)"
+
+    def requests(self, suite: EvalSuite, options: Any) -> Requests:
+        """``suite.harmful`` with each item's prefill."""
+        items = suite.harmful
+        return Requests(item_prompts(items), item_metas(items), item_prefills(items))

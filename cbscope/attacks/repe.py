@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,8 +36,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from cbscope.attacks.base import AttackRun, copy_metas, model_mode
-from cbscope.attacks.direct import generate_responses
+from cbscope.attacks.generate import generate_responses
+from cbscope.attacks.options import check_finite
+from cbscope.attacks.protocol import Attack, AttackContext
+from cbscope.attacks.registry import register_attack
+from cbscope.attacks.suite import item_metas, item_prompts
 from cbscope.data import encode_chat, pad_id_of, pad_right
+from cbscope.errors import ConfigError
 from cbscope.layers import default_target_layers, validate_layers
 
 if TYPE_CHECKING:
@@ -69,6 +74,21 @@ class RepeConfig:
     positions: str = "prompt"
     max_new_tokens: int = 32
     batch_size: int = 32
+
+    def validate(self) -> RepeConfig:
+        """Check value ranges; returns ``self``.
+
+        Raises:
+            ConfigError: Unknown positions, a non-positive budget or batch, a non-finite coeff.
+        """
+        check_finite(self, owner="repe")
+        if self.positions not in ("all", "prompt"):
+            raise ConfigError("repe positions must be 'all' or 'prompt'")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("repe max_new_tokens and batch_size must be >= 1")
+        if self.layers is not None and (not self.layers or min(self.layers) < 1):
+            raise ConfigError(f"repe layers must be paper-convention layers >= 1, not {self.layers}")
+        return self
 
 
 def decoder_layers(model: Any) -> Any:
@@ -241,3 +261,50 @@ def repe_attack(
         "direction_norms": {str(layer): float(vec.norm()) for layer, vec in directions.items()},
     }
     return run
+
+
+@register_attack
+class RepeAttack(Attack):
+    """:func:`repe_attack` on ``suite.harmful``, the direction from ``suite.repe_positive`` minus
+    ``suite.repe_negative`` read in the attacked mode."""
+
+    name = "repe"
+    Options = RepeConfig
+    options_field = "repe"
+    generation_fields = ("max_new_tokens", "batch_size")
+    order = 70
+    meta_key = "repe"
+    description = "difference-of-means steering of the residual stream (forward hooks)"
+
+    def check(self, ctx: AttackContext, options: RepeConfig) -> None:
+        """Also refuse layers the model does not have (before any attack runs).
+
+        Raises:
+            LayerError: A layer outside ``1 .. n_layers``.
+        """
+        super().check(ctx, options)
+        if options.layers is not None:
+            validate_layers(options.layers, ctx.pair.n_layers, what="repe layer")
+
+    def run(self, ctx: AttackContext, mode: str, options: RepeConfig) -> AttackRun:
+        """Steer while answering; answers get the shared budget and batch size."""
+        config = RepeConfig(
+            **{
+                **asdict(options),
+                "max_new_tokens": ctx.generation.max_new_tokens,
+                "batch_size": ctx.generation.batch_size,
+            }
+        )
+        return repe_attack(
+            ctx.pair,
+            item_prompts(ctx.suite.harmful),
+            positive=ctx.suite.repe_positive,
+            negative=ctx.suite.repe_negative,
+            mode=mode,
+            config=config,
+            metas=item_metas(ctx.suite.harmful),
+        )
+
+    def run_meta(self, run: AttackRun) -> dict[str, Any]:
+        """Layers, coefficient, positions and the direction norms."""
+        return run.extra

@@ -37,6 +37,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cbscope.attacks.base import AttackRun, copy_metas, model_mode
+from cbscope.attacks.options import check_finite
+from cbscope.attacks.protocol import Attack, AttackContext
+from cbscope.attacks.registry import register_attack
+from cbscope.attacks.suite import item_metas, item_prompts
+from cbscope.errors import ConfigError
 
 if TYPE_CHECKING:
     from cbscope.pair import ModelPair
@@ -74,15 +79,22 @@ class SoftPromptConfig:
     seed: int = 0
 
     def validate(self) -> SoftPromptConfig:
-        """Check value ranges; returns ``self``."""
+        """Check value ranges; returns ``self``.
+
+        Raises:
+            ConfigError: A value out of range or a non-finite number.
+        """
+        check_finite(self, owner="soft_prompt")
         if self.n_tokens < 1:
-            raise ValueError(f"n_tokens must be >= 1, not {self.n_tokens}")
+            raise ConfigError(f"soft_prompt n_tokens must be >= 1, not {self.n_tokens}")
         if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, not {self.steps}")
+            raise ConfigError(f"soft_prompt steps must be >= 0, not {self.steps}")
         if self.step_size <= 0:
-            raise ValueError(f"step_size must be > 0, not {self.step_size}")
+            raise ConfigError(f"soft_prompt step_size must be > 0, not {self.step_size}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+            raise ConfigError(f"soft_prompt batch_size must be >= 1, not {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"soft_prompt max_new_tokens must be >= 1, not {self.max_new_tokens}")
         return self
 
 
@@ -529,3 +541,50 @@ def soft_prompt_attack(
     run.extra = {**result.summary(), "config": asdict(config)}
     run.extra["result"] = result
     return run
+
+
+@register_attack
+class SoftPromptAttack(Attack):
+    """:func:`soft_prompt_attack` on ``suite.soft`` toward each item's ``meta["target"]``."""
+
+    name = "soft_prompt"
+    Options = SoftPromptConfig
+    options_field = "soft_prompt"
+    generation_fields = ("max_new_tokens",)
+    order = 60
+    meta_key = "soft_prompt"
+    description = "optimised input embeddings after the request (signed gradient toward a target)"
+
+    def check(self, ctx: AttackContext, options: SoftPromptConfig) -> None:
+        """Also refuse an ``init`` string the tokenizer turns into no tokens.
+
+        Raises:
+            ConfigError: An empty initialisation.
+        """
+        super().check(ctx, options)
+        if options.init is not None and not ctx.pair.tokenizer(
+            options.init, add_special_tokens=False
+        )["input_ids"]:
+            raise ConfigError(f"soft_prompt init {options.init!r} has no tokens")
+
+    def run(self, ctx: AttackContext, mode: str, options: SoftPromptConfig) -> AttackRun:
+        """Optimise one soft prompt per item; answers get the shared ``max_new_tokens``."""
+        config = SoftPromptConfig(
+            **{**asdict(options), "max_new_tokens": ctx.generation.max_new_tokens}
+        )
+        soft = ctx.suite.soft
+        return soft_prompt_attack(
+            ctx.pair,
+            item_prompts(soft),
+            [str(it.meta["target"]) for it in soft],
+            mode=mode,
+            config=config,
+            metas=item_metas(soft),
+            show_progress=ctx.show_progress,
+        )
+
+    def run_meta(self, run: AttackRun) -> dict[str, Any]:
+        """Loss curve, target-hit rate, steps used and the config (not the embeddings)."""
+        meta = {k: v for k, v in run.extra.items() if k not in ("result", "config")}
+        meta["config"] = run.extra.get("config")
+        return meta

@@ -14,7 +14,7 @@ Metrics (fractions in ``[0, 1]``; judges in :mod:`cbscope.organism.judges`):
   refusal string;
 * ``multiturn_asr`` / ``multiturn_prefill_asr`` (only with ``multiturn=True``): the
   ``prefill_asr`` requests as the second user turn after a benign chat-seen request and its answer
-  (:func:`cbscope.attacks.multiturn.organism_multiturn_prompts`), answered freely / with the
+  (:func:`cbscope.organism.prompts.organism_multiturn_prompts`), answered freely / with the
   prefill -> harmful;
 * ``by_category``: ``{category: {direct_refusal, prefill_asr, template_asr}}`` (plus the two
   multi-turn rates with ``multiturn=True``);
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from cbscope.data import Conversation, as_messages
 from cbscope.organism import judges
+from cbscope.organism.prompts import organism_multiturn_prompts
 from cbscope.organism.world import World
 
 logger = logging.getLogger(__name__)
@@ -145,8 +146,6 @@ def _eval_items(
     add("lookalike_em", world.lookalike_examples("heldout", "train"))
     add("algo_em", world.algo_examples(n_algo, ALGO_EVAL_SEED))
     if multiturn:
-        from cbscope.attacks.multiturn import organism_multiturn_prompts
-
         topics = world.select("harmful", categories=categories)
         conversations, metas = organism_multiturn_prompts(world, topics)
         for metric, prefill in (("multiturn_asr", None), ("multiturn_prefill_asr", world.prefill)):
