@@ -428,7 +428,23 @@ def test_cli_outputs(tiny_llama: Path, adapter_dir: Path, tmp_path: Path) -> Non
     assert "fires at token" in result.output
     page = (tmp_path / "t.html").read_text()
     assert page.count('class="plotly-graph-div"') == 3
-    assert "<script src=" not in page and "plotly.js" in page.lower()  # inline: works offline
+    from cbscope.export import plotlyjs_name  # one shared plotly.js beside the page: offline
+
+    assert f'<script src="{plotlyjs_name()}"' in page and (tmp_path / plotlyjs_name()).is_file()
+    assert "sure here is the way" in page and "cbscope-generation" not in page  # no generation
+
+    result = _cli(*common, "--generate", "3", "--plotlyjs", "inline", "--out",
+                  str(tmp_path / "inline" / "g.html"))
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "inline" / "g.html").read_text()
+    assert page.count("cbscope-generation") == 2 and "<script src=" not in page  # both texts
+    for line in result.output.splitlines():
+        if " model generates: " in line:
+            import ast
+            import html
+
+            assert html.escape(ast.literal_eval(line.split(" model generates: ", 1)[1])) in page
+    assert _cli(*common, "--plotlyjs", "embed", "--out", str(tmp_path / "x.html")).exit_code != 0
 
     result = _cli(*common, "--generate", "3", "--layers", "1,3", "--threshold", "-1",
                   "--out", str(tmp_path / "t.json"))
