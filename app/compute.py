@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from cbscope.data import (
     load_examples,
 )
 from cbscope.sources import DATA_ENV
-from cbscope.trace import CosineTrace, FiringPoint, GenerationTrace, trace_generation
+from cbscope.trace import CosineTrace, FiringPoint, FiringStats, GenerationTrace, trace_generation
 
 logger = logging.getLogger(__name__)
 
@@ -425,6 +426,9 @@ def sources(model_path: Path | None) -> tuple[list[Source], list[str]]:
         from cbscope.organism import World
 
         world = World.from_json(world_file)
+        found.append(Source("organism:harmful:all",
+                            "organism: harmful, every category (circuit-breaker set)", "harmful",
+                            world_file))
         for category in world.harm_categories:
             found.append(Source(f"organism:harmful:{category}",
                                 f"organism: harmful, category {category} (circuit-breaker set)",
@@ -463,7 +467,10 @@ def load_source(source_id: str, path: Path | None) -> list[ChatExample]:
             raise DatasetError("the organism's splits need its world.json")
         world = World.from_json(path)
         _, kind, which = source_id.split(":", 2)
-        if kind == "harmful":
+        if kind == "harmful" and which == "all":  # interleaved: a limit keeps every category
+            per = [world.harmful_examples([c], "train") for c in world.harm_categories]
+            rows = [r for group in itertools.zip_longest(*per) for r in group if r is not None]
+        elif kind == "harmful":
             rows = (world.harmful_examples(None, "jailbreak") if which == "jailbreak"
                     else world.harmful_examples([which], "train"))
         elif kind == "lookalike":
@@ -578,6 +585,96 @@ def fmt_rate(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{100 * value:.0f}%"
+
+
+CATEGORY_FIELDS = ("category", "harm_category", "SemanticCategory", "semantic_category")
+"""Example fields that name a harm category (organism rows, HarmBench, uploads)."""
+
+
+def categories_of(examples: Sequence[ChatExample], limit: int) -> list[str | None]:
+    """The harm category of each of the first ``limit`` examples (None: not known)."""
+    out: list[str | None] = []
+    for ex in examples[:limit]:
+        value = next((ex.meta.get(k) for k in CATEGORY_FIELDS if ex.meta.get(k)), None)
+        out.append(str(value) if value is not None else None)
+    return out
+
+
+def sweep_table(stats: FiringStats, categories: Sequence[str | None] | None) -> list[dict[str, Any]]:
+    """One row per sweep group (every harmful example, then each category): examples, AUC, and
+    the firing and false-fire rates at the current threshold."""
+    from cbscope.trace import rates_at
+
+    known = categories if categories and any(c is not None for c in categories) else None
+    sweep = stats.sweep(known)
+    aucs = stats.aucs(known)
+    counts = {"all": stats.n_harmful}
+    for c in known or []:
+        if c is not None:
+            counts[str(c)] = counts.get(str(c), 0) + 1
+    rows = []
+    for group, auc in aucs.items():
+        fire, false = rates_at(sweep[sweep["group"] == group], stats.threshold)
+        rows.append({"harm category": group, "harmful examples": counts.get(group, 0),
+                     "AUC": "n/a" if auc != auc else f"{auc:.3f}",
+                     "firing rate": fmt_rate(fire), "false-fire rate": fmt_rate(false)})
+    return rows
+
+
+TABLE_COLUMNS = ("set", "example", "fired", "pos", "pos_after_start", "layer", "token", "cos",
+                 "min_cos", "prompt", "response")
+
+
+def display_rows(rows: Any) -> Any:
+    """The firing table as shown: every empty cell blank (never "None"/"nan"), numbers as
+    integers or 3 decimals."""
+    import pandas as pd
+
+    frame = rows[[c for c in TABLE_COLUMNS if c in rows]].copy()
+
+    def text(value: Any, kind: str) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+            return ""
+        if kind == "int":
+            return str(int(value))
+        if kind == "float":
+            return f"{float(value):.3f}"
+        return str(value)
+
+    kinds = {"pos": "int", "pos_after_start": "int", "layer": "int", "cos": "float",
+             "min_cos": "float", "token": "str", "response": "str", "prompt": "str"}
+    for column, kind in kinds.items():
+        if column in frame:
+            frame[column] = [text(v, kind) for v in frame[column]]
+    return frame
+
+
+def bar_rows(rows: Any, fig: go.Figure, points: Sequence[dict[str, Any]], by: str) -> Any:
+    """The rows behind the clicked bars of a dataset histogram (``by``: ``"position"``,
+    ``"layer"`` or ``"min_cos"``), from Streamlit's selection points."""
+    import pandas as pd
+
+    masks = []
+    for point in points:
+        curve = int(point.get("curve_number", 0))
+        if curve >= len(fig.data) or fig.data[curve].type != "bar":
+            continue
+        which = fig.data[curve].name
+        part = rows["set"] == which
+        if by == "min_cos":
+            lo, hi = (float(v) for v in point["customdata"])
+            value = rows["min_cos"].astype(float)
+            masks.append(part & (value >= lo - 1e-9) & (value < hi - 1e-9))
+        else:
+            column = "pos_after_start" if by == "position" else "layer"
+            value = pd.to_numeric(rows[column], errors="coerce")
+            masks.append(part & rows["fired"].astype(bool) & (value == int(point["x"])))
+    if not masks:
+        return rows.iloc[0:0]
+    keep = masks[0]
+    for mask in masks[1:]:
+        keep = keep | mask
+    return rows[keep]
 
 
 # ---------------------------------------------------------------------- generalisation matrix

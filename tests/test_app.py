@@ -378,13 +378,14 @@ def test_dataset_view_and_open_in_where(api_pair: Any) -> None:
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Firing rate (harmful)"].endswith("%")
     assert metrics["False-fire rate (benign)"].endswith("%")
-    rows = at.dataframe[0].value
+    rows = at.dataframe[-1].value
     assert len(rows) > 0 and set(rows["set"]) == {"harmful", "benign"}
+    assert not rows.isin(["None", "nan", None]).any().any()  # empty cells are blank
     fired = rows[rows["fired"]]
     assert len(fired) > 0
     index = int(fired.index[0])
-    at.selectbox(key="ds_pick").set_value(index)
-    at.button(key="ds_open").click()
+    # a click on a row (Streamlit's native selection event) opens that example
+    at.session_state["ds_table"] = {"selection": {"rows": [index], "columns": []}}
     at.run()
     assert_clean(at)
     assert at.session_state["view"] == "where"
@@ -393,6 +394,56 @@ def test_dataset_view_and_open_in_where(api_pair: Any) -> None:
     (marker,) = named(chart(at, "fig6_lines"), "firing point")
     assert list(values(marker["x"])) == [int(row["pos"])]
     assert at.session_state["gen"] == 0
+
+
+def test_dataset_view_distributions_sweep_and_categories(api_pair: Any) -> None:
+    from cbscope.trace import roc_auc
+
+    at = make_app(view="dataset", threshold=THRESHOLD)
+    at.run()
+    assert_clean(at)
+    assert at.selectbox(key="ds_harmful").value == "organism:harmful:all"
+    rows = at.dataframe[-1].value
+    dist = chart(at, "ds_dist")
+    for which in ("harmful", "benign"):
+        (bars,) = named(dist, which)
+        assert values(bars["y"]).sum() == (rows["set"] == which).sum()
+    hist = chart(at, "ds_hist")
+    assert hist["layout"]["xaxis"]["tickformat"] == "d"  # integer bins
+    sweep = chart(at, "ds_sweep")
+    table = at.dataframe[0].value
+    categories = [c for c in table["harm category"] if c != "all"]
+    assert len(categories) >= 2, "the organism's set covers every harm category"
+    low = rows.assign(m=rows["min_cos"].astype(float))
+    auc = roc_auc(low[low.set == "harmful"].m.to_numpy(), low[low.set == "benign"].m.to_numpy())
+    assert table["AUC"].iloc[0] == f"{auc:.3f}"
+    assert f"all (AUC {auc:.3f})" in [t["name"] for t in sweep["data"]]
+
+
+def test_dataset_bar_rows_are_the_examples_of_the_clicked_bar() -> None:
+    import pandas as pd
+
+    from app import compute
+    from cbscope import plots
+    from cbscope.trace import FiringStats
+
+    rows = pd.DataFrame({"example": [0, 1, 2, 0, 1], "set": ["harmful"] * 3 + ["benign"] * 2,
+                         "fired": [True, True, False, True, False],
+                         "pos_after_start": [2, 3, None, 2, None], "layer": [1, 2, None, 1, None],
+                         "min_cos": [0.1, 0.12, 0.9, 0.4, 0.99], "prompt": list("abcde")})
+    stats = FiringStats(rows=rows, threshold=0.5, layers=[1, 2])
+    hist = plots.firing_histogram(stats)
+    picked = compute.bar_rows(rows, hist, [{"curve_number": 0, "x": 2}], "position")
+    assert list(picked["prompt"]) == ["a"]
+    both = compute.bar_rows(rows, hist, [{"curve_number": 0, "x": 2},
+                                         {"curve_number": 1, "x": 2}], "position")
+    assert list(both["prompt"]) == ["a", "d"]
+    dist = plots.min_cos_histogram(stats)
+    point = {"curve_number": 0, "x": 0.125, "customdata": [0.1, 0.15]}
+    assert list(compute.bar_rows(rows, dist, [point], "min_cos")["prompt"]) == ["a", "b"]
+    shown = compute.display_rows(rows)
+    assert list(shown["layer"]) == ["1", "2", "", "1", ""]
+    assert list(shown["min_cos"])[0] == "0.100"
 
 
 def test_bad_upload_shows_a_message() -> None:
@@ -424,7 +475,7 @@ def test_uploaded_csv_is_traced() -> None:
     button.click()
     at.run()
     assert_clean(at)
-    rows = at.dataframe[0].value
+    rows = at.dataframe[-1].value
     assert list(rows[rows["set"] == "harmful"]["prompt"]) == ["how do i bake bread", "hello there"]
 
 
