@@ -371,6 +371,24 @@ def first_flag(scores: torch.Tensor, threshold: float, start: int) -> int | None
     return start + int(above[0, 0]) if len(above) else None
 
 
+def probe_note(threshold: float, auc: float | None) -> str:
+    """A plain-words warning when a probe's threshold or scores cannot be read as usual ('' when
+    they can)."""
+    if threshold < 0.01:
+        return (f"The probe's threshold is {threshold:.3f}: almost every benign answer scores 0 at "
+                "this layer, so the calibration puts the line just above 0 and any token that "
+                "scores at all is flagged. Such a probe has not learnt a graded notion of harm "
+                "here (it reads a trivial difference, e.g. the broken model's scrambled stream); "
+                "compare the scores, not the flags, or pick another layer.")
+    if threshold > 0.99:
+        return (f"The probe's threshold is {threshold:.3f}: benign answers already score near 1, "
+                "so hardly any token can be flagged; pick another layer or reading.")
+    if auc is not None and auc == auc and auc < 0.6:
+        return (f"The probe barely tells harmful from benign tokens at this layer (token AUC "
+                f"{auc:.2f} on its own training data; 0.5 is chance): its flags mean little.")
+    return ""
+
+
 # ---------------------------------------------------------------------- training curves
 def training_curves(rows: Sequence[dict[str, Any]], total_steps: int | None = None) -> go.Figure:
     """Live LoRRA curves (:func:`cbscope.plots.training_curves`)."""

@@ -494,9 +494,26 @@ def test_probe_view_scores_equal_api(api_pair: Any, tiny_organism: Path) -> None
     probe = train_harm_probe(api_pair, harmful, benign, layer, fpr=0.05, batch_size=8)
     prompt, prefill = at.session_state["prompt"], at.session_state["prefill"]
     expected = probe.score_tokens(api_pair, prompt, prefill).numpy()
-    (line,) = named(chart(at, "probe_scores"), "probe score")
+    spec = chart(at, "probe_trace")
+    (line,) = named(spec, "probe score")
     np.testing.assert_allclose(values(line["y"]), expected, atol=1e-4)
-    assert named(chart(at, "probe_fig6"), "firing point")
+    assert named(spec, "firing point")
+    # stacked on one shared token axis, each with the response-start line
+    assert line["xaxis"] == "x2" and spec["layout"]["xaxis"]["matches"] == "x2"
+    starts = [s for s in spec["layout"]["shapes"] if s.get("name") == "response start"]
+    assert {s["xref"] for s in starts} == {"x", "x2"}
+    flags = named(spec, "above threshold")
+    if flags:  # no flag on a request token
+        assert min(values(flags[0]["x"])) >= starts[0]["x0"] + 0.5
+
+
+def test_probe_note_names_a_degenerate_threshold() -> None:
+    from app import compute
+
+    assert "almost every benign answer scores 0" in compute.probe_note(0.002, 0.99)
+    assert "benign answers already score near 1" in compute.probe_note(0.995, 0.99)
+    assert "barely tells harmful from benign" in compute.probe_note(0.4, 0.55)
+    assert compute.probe_note(0.4, 0.95) == ""
 
 
 # ---------------------------------------------------------------------- train
