@@ -720,6 +720,16 @@ def matrix_folders(root: Path | None = None) -> list[Path]:
     return sorted(found, key=lambda p: (p / "matrix.json").stat().st_mtime, reverse=True)
 
 
+def matrix_files(folder: Path) -> str:
+    """What a matrix folder holds, in words: ``"matrix.json"``, ``"matrix.json and
+    command.json"``..."""
+    names = sorted(p.name for p in Path(folder).iterdir() if p.is_file()) if Path(folder).is_dir() \
+        else []
+    if len(names) <= 1:
+        return " ".join(names) or "nothing"
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def cell_rows(result: Any, run: str, category: str, metric: str) -> list[dict[str, Any]]:
     """The per-example rows of one matrix cell, each with the base model's response beside it.
 

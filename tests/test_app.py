@@ -704,6 +704,31 @@ def test_generalisation_view_shows_the_matrix_and_traces_a_cell(matrix_dir: Path
     assert "turn 3 (user)" in shapes  # a two-turn example: its turn boundaries are drawn
 
 
+def test_generalisation_a_folder_without_rows_is_a_sentence_and_a_click_opens_a_cell(
+        matrix_dir: Path) -> None:
+    readme_folder = ROOT / "benchmarks" / "results" / "generalise" / "loo"
+    at = make_app(view="generalisation", matrix=readme_folder)
+    at.run()
+    assert_clean(at)
+    assert any("has only" in t and "matrix.json" in t and "cbscope generalise" in t
+               for t in texts(at.info)), texts(at.info)
+    assert chart(at, "gen_matrix")["data"]
+    # then a valid folder works in the same session (no stale error)
+    at.selectbox(key="gen_folder_choice").set_value("__other__").run()
+    at.text_input(key="gen_folder_text").set_value(str(matrix_dir)).run()
+    assert_clean(at)
+    assert at.selectbox(key="gen_metric").value == "prefill_asr"
+    # a click on a cell (Streamlit's selection event on the "cells" points) picks that cell
+    at.session_state["gen_matrix"] = {"selection": {"points": [
+        {"curve_number": 3, "point_index": 0,
+         "customdata": ["without-chem", "chem", "template", "0%"]}]}}
+    at.run()
+    assert_clean(at)
+    assert at.selectbox(key="gen_run").value == "without-chem"
+    assert at.selectbox(key="gen_category").value == "chem"
+    assert at.selectbox(key="gen_metric").value == "template_asr"
+
+
 def test_generalisation_view_without_a_folder() -> None:
     at = make_app(view="generalisation")
     at.run()
