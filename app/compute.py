@@ -395,6 +395,60 @@ def training_curves(rows: Sequence[dict[str, Any]], total_steps: int | None = No
     return plots.training_curves(rows, total_steps)
 
 
+QUICK_EVAL_METRICS = {"prefill_asr": "prefilling-attack ASR", "template_asr": "jailbreak-template ASR",
+                      "lookalike_em": "look-alike exact match"}
+
+
+def quick_eval_items(world: Any, holdout: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The quick evaluation's items: every harmful request with the prefill (prefill ASR), every
+    jailbreak-template request (template ASR), every held-out look-alike (exact match)."""
+    items = []
+    for metric, rows, prefill in (
+        ("prefill_asr", world.harmful_examples(None, "train"), world.prefill),
+        ("template_asr", world.harmful_examples(None, "jailbreak"), None),
+        ("lookalike_em", world.lookalike_examples("heldout", "train"), None),
+    ):
+        for row in rows:
+            split = "held out" if row.get("category") in holdout else "trained"
+            items.append({"metric": metric, "prefill": prefill, "split": split, **row})
+    return items
+
+
+def quick_eval(pair: Any, world: Any, holdout: Sequence[str] = (), batch_size: int = 64
+               ) -> list[dict[str, Any]]:
+    """Prefill and template ASR and look-alike exact match of the base model (adapter off) and
+    the breaker, judged exactly (:mod:`cbscope.organism.judges`); one row per metric (and per
+    split of the harm categories: trained on / held out)."""
+    from cbscope.organism import judges
+    from cbscope.organism.evaluate import generate
+
+    items = quick_eval_items(world, holdout)
+    prompts = [item["prompt"] for item in items]
+    prefills = [item["prefill"] for item in items]
+    with pair.original():
+        base = generate(pair.generator, pair.tokenizer, prompts, prefills, batch_size=batch_size)
+    breaker = generate(pair.generator, pair.tokenizer, prompts, prefills, batch_size=batch_size)
+
+    def verdict(item: dict[str, Any], response: str) -> bool:
+        if item["metric"] == "lookalike_em":
+            return judges.is_exact(response, item["response"])
+        return judges.is_harmful(response, world.topic(item["topic"]).procedure)
+
+    groups: dict[tuple[str, str], list[tuple[bool, bool]]] = {}
+    for item, b, c in zip(items, base, breaker, strict=True):
+        keys = [(item["metric"], "all")]
+        if item["metric"] != "lookalike_em" and holdout:
+            keys.append((item["metric"], item["split"]))
+        for key in keys:
+            groups.setdefault(key, []).append((verdict(item, b), verdict(item, c)))
+    rows = []
+    for (metric, split), pairs in groups.items():
+        rows.append({"metric": QUICK_EVAL_METRICS[metric], "categories": split, "n": len(pairs),
+                     "base model": fmt_rate(sum(b for b, _ in pairs) / len(pairs)),
+                     "breaker": fmt_rate(sum(c for _, c in pairs) / len(pairs))})
+    return rows
+
+
 # ---------------------------------------------------------------------- data sets
 def data_dir() -> Path:
     """Public evaluation data (:func:`cbscope.sources.data_dir`); where there is none, the

@@ -65,10 +65,6 @@ class ExportError(CbscopeError, RuntimeError):
     """A figure cannot be exported (PNG/SVG need Chrome or Chromium for kaleido)."""
 
 
-class TrainingCancelled(CbscopeError, RuntimeError):
-    """A training run was cancelled by its user (the dashboard's Cancel button)."""
-
-
 class MissingFileError(CbscopeError, FileNotFoundError):
     """A file or folder the user named (or a default data file) does not exist."""
 

@@ -523,15 +523,34 @@ def test_train_view_trains_and_offers_the_breaker(tiny_organism: Path, isolated_
     assert_clean(at)
     at.number_input(key="train_steps").set_value(3)
     at.text_input(key="train_name").set_value("apptest-rr")
+    # options beyond steps/lr/layers reach the run: rank, alpha, seed, loss, any CLI option
+    at.number_input(key="train_rank").set_value(4)
+    at.number_input(key="train_alpha").set_value(7.0)
+    at.number_input(key="train_seed").set_value(3)
+    at.text_input(key="train_opt_lora_dropout").set_value("0.0")
+    held = at.selectbox(key="train_holdout").options[0]
+    at.selectbox(key="train_holdout").set_value(held)
+    assert "c_r" in " ".join(texts(at.caption))  # what the total loss is
     at.button(key="train_go").click()
     at.run()
     assert_clean(at)
     out = isolated_cache / "breakers" / "apptest-rr"
     assert (out / "adapter_config.json").is_file() and (out / "lorra_config.json").is_file()
+    saved = json.loads((out / "lorra_config.json").read_text())
+    assert (saved["lora_r"], saved["lorra_alpha"], saved["seed"], saved["lora_dropout"]) == \
+        (4, 7.0, 3, 0.0)
     assert any("Saved the breaker" in text for text in texts(at.success)), texts(at.success)
     spec = chart(at, "train_curve_last")
     (cb_cos,) = named(spec, "cb_cos")
     assert list(values(cb_cos["x"])) == [1, 2, 3]
+    colours = [t["line"]["color"] for t in spec["data"]]
+    assert len(set(colours)) == len(colours)  # every curve its own colour
+    # the quick evaluation at the end: prefill and template ASR and look-alike exact match
+    table = next(d.value for d in at.dataframe if "breaker" in d.value.columns)
+    assert {"prefilling-attack ASR", "jailbreak-template ASR", "look-alike exact match"} <= \
+        set(table["metric"])
+    assert "held out" in set(table["categories"])
+    assert any(f"held-out category: {held}" in t for t in texts(at.markdown))
     at.button(key="train_use").click()
     at.run()
     assert_clean(at)
@@ -542,6 +561,41 @@ def test_train_view_trains_and_offers_the_breaker(tiny_organism: Path, isolated_
 
 
 # ---------------------------------------------------------------------- the commands
+def test_a_cancelled_run_says_so_and_saves_nothing(tiny_organism: Path,
+                                                   isolated_cache: Path) -> None:
+    """Cancel stops the script (Streamlit interrupts it); the run publishes nothing and the next
+    page run names the step it stopped at."""
+    from cbscope.lorra import get_preset
+    from cbscope.lorra.config import LorraConfig
+    from cbscope.organism import World
+    from cbscope.run import RunConfig, Runner
+
+    class Interrupted(BaseException):
+        """Stands in for Streamlit's StopException."""
+
+    out = isolated_cache / "breakers" / "cancelled"
+    config = LorraConfig.from_dict({**get_preset("organism").config.to_dict(), "steps": 4,
+                                    "target_layers": [2, 4], "checkpoint_every": 0})
+
+    def on_step(metrics: dict[str, Any]) -> None:
+        if metrics["step"] == 2:
+            raise Interrupted
+
+    data = get_preset("organism").build_data(World.from_json(tiny_organism / "world.json"),
+                                             show_progress=False)
+    with pytest.raises(Interrupted):
+        Runner(RunConfig(model=str(tiny_organism), out=out, lorra=config, restart=True,
+                         progress=False), data=data, on_step=on_step).run()
+    assert not out.exists()
+
+    at = make_app(view="train")
+    at.session_state["train_cancelled"] = {"name": "cancelled", "steps": 4, "step": 2}
+    at.run()
+    assert_clean(at)
+    assert any("cancelled at step 2 of 4" in t and "nothing was saved" in t
+               for t in texts(at.warning)), texts(at.warning)
+
+
 def test_app_command_line_binds_localhost() -> None:
     from cbscope.commands.app import app_file, streamlit_command
 
