@@ -620,7 +620,8 @@ def test_app_command_refuses_a_busy_port() -> None:
 
 
 def test_demo_opens_the_app_on_the_organism(monkeypatch: pytest.MonkeyPatch, tiny_organism: Path,
-                                            breaker: Path) -> None:
+                                            breaker: Path, isolated_cache: Path,
+                                            api_pair: Any) -> None:
     import cbscope.commands.app as app_command
     import cbscope.commands.demo as demo_command
     import cbscope.models
@@ -634,9 +635,29 @@ def test_demo_opens_the_app_on_the_organism(monkeypatch: pytest.MonkeyPatch, tin
     assert result.exit_code == 0, result.output
     assert calls == [{"port": 8123, "host": "127.0.0.1", "model": "organism", "adapter": breaker,
                       "browser": None}]
+    assert "measuring the breaker's behaviour" in result.output
     result = CliRunner().invoke(app, ["demo", "--no-app"])
     assert result.exit_code == 0 and len(calls) == 1
-    assert "model organism" in result.output
+    out = result.output
+    assert "model organism" in out and "measuring" not in out  # the breaker's table is cached
+    # it says whose table is whose, and prints the breaker's beside the base model's
+    assert "WITHOUT a circuit breaker" in out and "WITH its circuit breaker" in out
+    from cbscope.organism import World, evaluate_behaviour
+
+    base = json.loads((tiny_organism / "behaviour.json").read_text())
+    cb = evaluate_behaviour(api_pair.generator, api_pair.tokenizer,
+                            World.from_json(tiny_organism / "world.json"), batch_size=64,
+                            multiturn=True)
+    (line,) = [x for x in out.splitlines() if x.startswith("prefill_asr ")]
+    assert line.split()[1:3] == [f"{100 * base['prefill_asr']:.1f}%", f"{100 * cb['prefill_asr']:.1f}%"]
+
+
+def test_headless_hint_names_the_ssh_tunnel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cbscope.commands.app import headless_hint
+
+    monkeypatch.setenv("USER", "ana")
+    hint = headless_hint(8502)
+    assert "ssh -L 8502:localhost:8502 ana@" in hint and "http://localhost:8502" in hint
 
 
 def test_demo_finds_a_cached_breaker(isolated_cache: Path, breaker: Path,
