@@ -61,7 +61,7 @@ def _render_sources(folder: Path, stamp: float) -> None:
                    "within 2 points of the base, false fires <= 3 %, KL <= 0.05 nats/token.")
     elif target:
         st.warning("Target missed: " + "; ".join(target.get("missed", [])) + ".")
-    st.plotly_chart(result.figure(), key="gen_source_matrix")
+    state.chart(result.figure(), "gen_source_matrix", name="cbscope_cross_source")
     with st.expander("Benign cost of every run (XSTest safe answered, false fires, KL)"):
         st.code(result.table())
     st.subheader("A cell")
