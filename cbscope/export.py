@@ -111,9 +111,7 @@ def save_figure(fig: go.Figure, path: str | os.PathLike[str], *,
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     if fmt == "html":
-        from cbscope.plots import save_html
-
-        return save_html(fig, path, plotlyjs=plotlyjs)
+        return write_page([fig], path, plotlyjs=plotlyjs)
     data = figure_bytes(fig, fmt)
     from cbscope.io import atomic_write
 
@@ -166,6 +164,22 @@ def plotlyjs_tag(mode: PlotlyJs, folder: str | os.PathLike[str] | None) -> str:
     if folder is None:
         raise ConfigError('plotlyjs="beside" needs the folder the page is written to')
     return f'<script src="{write_plotlyjs(folder).name}" charset="utf-8"></script>'
+
+
+def write_page(figures: Sequence[go.Figure], path: str | os.PathLike[str], *,
+               title: str = "cbscope", plotlyjs: PlotlyJs = "beside", before: str = "",
+               after: str = "") -> Path:
+    """Write figures as one HTML page (atomically); plotly.js as ``plotlyjs`` says
+    (:func:`plotlyjs_tag`: by default one shared file beside the page)."""
+    from cbscope.io import atomic_write_text
+
+    if not figures:
+        raise ValueError("no figures to save")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    script = plotlyjs_tag(plotlyjs, path.parent)
+    page = figures_page(figures, title=title, plotlyjs_script=script, before=before, after=after)
+    return atomic_write_text(path, page)
 
 
 def figures_page(figures: Sequence[go.Figure], *, title: str, plotlyjs_script: str,

@@ -1009,18 +1009,11 @@ def save_html(
         before: HTML put before the figures (already escaped by the caller).
         after: HTML put after them.
     """
-    from cbscope.export import figures_page, plotlyjs_tag
+    from cbscope.export import write_page
 
     figures = [fig] if isinstance(fig, go.Figure) else list(fig)
-    if not figures:
-        raise ValueError("no figures to save")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    script = plotlyjs_tag(plotlyjs, path.parent)  # type: ignore[arg-type]
-    page = figures_page(figures, title=title, plotlyjs_script=script, before=before, after=after)
-    from cbscope.io import atomic_write_text
-
-    return atomic_write_text(path, page)
+    return write_page(figures, path, title=title, plotlyjs=plotlyjs,  # type: ignore[arg-type]
+                      before=before, after=after)
 
 
 # ---------------------------------------------------------------------- why does it fire?
