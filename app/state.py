@@ -696,10 +696,22 @@ def export_buttons(fig: Any, name: str, key: str) -> None:
         return data
 
     mimes = {"png": "image/png", "svg": "image/svg+xml", "html": "text/html"}
+    problem = _export_problem()
     with st.popover("Export", help="Save this figure as PNG or SVG (for a paper) or HTML."):
+        if problem:
+            st.caption(sentence(problem))
+            mimes = {"html": "text/html"}
         for fmt, mime in mimes.items():
             st.download_button(fmt.upper(), make(fmt), file_name=f"{name}.{fmt}", mime=mime,
                                key=f"{key}_export_{fmt}", on_click="ignore")
+
+
+@st.cache_resource(show_spinner=False)
+def _export_problem() -> str:
+    """:func:`cbscope.export.image_export_problem`, once per server."""
+    from cbscope.export import image_export_problem
+
+    return image_export_problem()
 
 
 def chart(fig: Any, key: str, *, name: str | None = None, clickable: bool = False,

@@ -66,6 +66,15 @@ def _check_kaleido() -> None:
     os.environ[BROWSER_ENV] = path  # kaleido's choreographer reads it: no download, no search
 
 
+def image_export_problem() -> str:
+    """Why PNG/SVG export cannot work here, in one sentence ('' when it can)."""
+    try:
+        _check_kaleido()
+    except ExportError as err:
+        return str(err)
+    return ""
+
+
 def figure_bytes(fig: go.Figure, fmt: str, *, width: int | None = None,
                  height: int | None = None, scale: float = DEFAULT_SCALE) -> bytes:
     """One figure as PNG or SVG bytes (kaleido), or as a self-contained HTML page.

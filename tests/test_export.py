@@ -57,6 +57,7 @@ def test_a_missing_browser_is_a_one_line_named_error(monkeypatch: pytest.MonkeyP
         export.figure_bytes(_figure(), "png")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "fig.png").exists()
+    assert export.image_export_problem() == str(info.value)
 
 
 def test_unknown_formats_and_modes_are_config_errors(tmp_path: Path) -> None:
