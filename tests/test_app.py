@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import socket
 import sys
 from pathlib import Path
@@ -902,12 +903,14 @@ def test_why_view_keeps_its_token_in_the_url() -> None:
 def test_hover_names_every_token_with_its_position() -> None:
     at = make_app(view="where", threshold=THRESHOLD, gen=0)
     at.run()
-    for key in ("fig6_lines", "fig6_heatmap", "fig6_strip", "fig6_norms"):
+    for key in ("fig6_lines", "fig6_heatmap", "fig6_norms"):
         for trace in chart(at, key)["data"]:
             if trace.get("name") != "firing point":
                 assert "%{x}" not in trace["hovertemplate"], (key, trace.get("name"))
                 flat = json.dumps(trace["customdata"])
                 assert " (pos 0)" in flat and " (pos 1)" in flat, key
+    (strip,) = [h for h in htmls(at) if "cbscope-text" in h]
+    assert re.search(r'title="[^"]+ \(pos \d+\) - layer \d+ - cos -?\d\.\d{3}"', strip)
     at.button(key="where_why").click()
     at.run()
     for key in ("why_shares", "why_attribution", "why_lens"):
