@@ -473,6 +473,8 @@ def token_html(trace: CosineTrace, example: int = 0, layers: Sequence[int] | Non
     tokens = single.tokens[0]
     lowest, layer_of_min = lowest_cosines(single, layers)
     start, length = single.response_start[0], single.lengths[0]
+    # a word-level tokenizer's tokens carry no spaces (the organism's): put one between them
+    gap = "" if any(t[:1].isspace() or t[-1:].isspace() for t in tokens[:length]) else " "
 
     def span(p: int) -> str:
         background, color = text_color(float(lowest[p]))
@@ -487,11 +489,11 @@ def token_html(trace: CosineTrace, example: int = 0, layers: Sequence[int] | Non
            "border-radius:6px;padding:8px 10px;color:#000;background:#fff")
     parts = []
     if include_request:
-        request = "".join(span(p) for p in range(min(start, length)))
+        request = gap.join(span(p) for p in range(min(start, length)))
         parts.append(f"<div style='{box};background:#f6f6f6;margin-bottom:4px'>"
                      f"<span style='color:#666'>request: </span>{request}</div>")
     if start < length:
-        response = "".join(span(p) for p in range(start, length))
+        response = gap.join(span(p) for p in range(start, length))
     else:
         response = "<span style='color:#888'>(no response tokens)</span>"
     parts.append(f"<div class='cbscope-text' style='{box}'>{response}</div>")

@@ -109,6 +109,7 @@ def wait_idle(page: Any) -> None:
 def hover_text(page: Any, chart: Any) -> str:
     """Move the mouse over the middle of a plotly chart's plot area; the hover label's text."""
     area = chart.locator(".nsewdrag").first
+    area.scroll_into_view_if_needed()  # the mouse only reaches what is in the viewport
     box = area.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
     label = chart.locator(".hoverlayer .hovertext")
@@ -221,6 +222,7 @@ def open_view(page: Any, url: str, query: str, shot: Path, *, charts: int = 1) -
 def click_plot_centre(page: Any, chart: Any, fx: float = 0.5, fy: float = 0.5) -> None:
     """Click a plotly chart's plot area at a fraction of its size (a heatmap cell there)."""
     area = chart.locator(".nsewdrag").first
+    area.scroll_into_view_if_needed()
     box = area.bounding_box()
     page.mouse.move(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
     chart.locator(".hoverlayer .hovertext").first.wait_for()
@@ -265,7 +267,8 @@ def test_browser_every_view_screenshots_and_clicks(tiny_organism: Path, breaker:
     with running_app(tiny_organism, breaker, tmp_path) as url, \
             sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        # tall: Streamlit scrolls inside its main block, so a "full page" shot is the viewport
+        page = browser.new_page(viewport={"width": 1400, "height": 3200})
         page.set_default_timeout(PAGE_TIMEOUT_MS)
         try:
             # where: a heatmap cell click opens that token

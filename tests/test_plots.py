@@ -293,6 +293,9 @@ def test_token_html_is_the_response_coloured_with_a_legend() -> None:
     untouched, _ = plots.text_color(1.0)
     rerouted, ink = plots.text_color(-0.2)
     assert untouched == "rgb(255, 255, 255)" and ink == "#ffffff" and rerouted != untouched
+    assert "</span><span" in page  # " here", " Start": the tokens carry their own spaces
+    words = CosineTrace(**{**_trace().__dict__, "tokens": [["w"] * 10]})
+    assert "</span> <span" in plots.token_html(words)  # word-level tokens: a space between
     odd = CosineTrace(**{**_trace().__dict__, "tokens": [["<b>"] * 5 + ["</div>"] * 5]})
     assert "</div></span>" not in plots.token_html(odd) and "&lt;/div&gt;" in plots.token_html(odd)
 
