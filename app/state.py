@@ -14,6 +14,7 @@ use, since :meth:`cbscope.pair.ModelPair.original` switches adapters on shared m
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ logger = logging.getLogger("cbscope.app")
 VIEWS: dict[str, str] = {
     "where": "Where does it fire?",
     "why": "Why does it fire?",
+    "compare": "Compare",
     "dataset": "Dataset",
     "train": "Train",
     "probe": "Probe",
@@ -203,6 +205,46 @@ def model_layers(spec: str) -> int | None:
         return None
 
 
+def _shape_of(config: dict[str, Any]) -> tuple[Any, Any]:
+    """(layers, hidden size) of a config.json (a multimodal model's text config too)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return (config.get("num_hidden_layers", text.get("num_hidden_layers")),
+            config.get("hidden_size", text.get("hidden_size")))
+
+
+def adapter_mismatch(model: str, model_path: Path | None, adapter: Path) -> str:
+    """A sentence when the adapter was saved for another model ('' when it fits or cannot be
+    told without loading: the load itself checks the full fingerprint).
+
+    Compares what ``cbscope_adapter.json`` recorded (the base model's spec, its number of layers
+    and hidden size) with the chosen model's ``config.json``, so a URL whose model and adapter
+    do not belong together says so before anything loads.
+    """
+    meta = adapter_meta(adapter)
+    saved = meta.get("fingerprint") if isinstance(meta.get("fingerprint"), dict) else {}
+    base = normal_spec(str(meta.get("base_model") or ""))
+    model = normal_spec(model)
+    problem = ""
+    if saved and model_path is not None:
+        try:
+            config = json.loads((model_path / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        layers, hidden = _shape_of(config)
+        want = (saved.get("num_hidden_layers"), saved.get("hidden_size"))
+        if None not in (layers, hidden, *want) and (layers, hidden) != want:
+            problem = (f"{want[0]} layers, hidden size {want[1]}; the model has {layers} layers, "
+                       f"hidden size {hidden}")
+    elif base in BUILTINS and model in BUILTINS and base != model:
+        problem = f"it was saved for {base}"
+    if not problem:
+        return ""
+    trained = f" was trained on {base}" if base else " belongs to another model"
+    return (f"The adapter {adapter}{trained} ({problem}), not on {model}: choose a breaker for "
+            f"{MODEL_LABELS.get(model, model)} in the sidebar, or the model the adapter was "
+            "trained on. A link must name a model and an adapter that belong together.")
+
+
 @dataclass
 class Loaded:
     """A loaded pair and the lock that serialises its use across sessions."""
@@ -211,7 +253,7 @@ class Loaded:
     lock: threading.Lock
 
 
-@st.cache_resource(max_entries=3, show_spinner=False)
+@st.cache_resource(max_entries=4, show_spinner=False)
 def get_loaded(model: str, adapter: str, device: str, dtype: str) -> Loaded:
     """Load a model pair once per (model, adapter, device, dtype)."""
     from cbscope.pair import load_pair
@@ -228,6 +270,19 @@ def generation_trace(model: str, adapter: str, device: str, dtype: str, prompt: 
     loaded = get_loaded(model, adapter, device, dtype)
     with loaded.lock:
         return compute.trace_request(loaded.pair, prompt, prefill, gen_tokens)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def compare_breakers(model: str, adapters: tuple[str, ...], labels: tuple[str, ...], device: str,
+                     dtype: str, prompt: str, prefill: str, gen_tokens: int,
+                     tokens_from: str) -> Any:
+    """The cached :func:`app.compute.compare_breakers` (the pairs load once each)."""
+    loaded = [get_loaded(model, adapter, device, dtype) for adapter in adapters]
+    with contextlib.ExitStack() as stack:
+        for item in {id(x.lock): x.lock for x in loaded}.values():
+            stack.enter_context(item)
+        return compute.compare_breakers([x.pair for x in loaded], labels, prompt, prefill,
+                                        gen_tokens, tokens_from)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -328,7 +383,7 @@ def apply_pending() -> None:
     for key, value in pending.items():
         st.session_state[key] = value
     set_query(**{k: v for k, v in pending.items() if k in ("view", "prompt", "prefill", "gen",
-                                                           "adapter", "model", "pos")})
+                                                           "adapter", "model", "pos", "win")})
 
 
 def parse_float(text: str, default: float, low: float, high: float) -> float:
@@ -436,7 +491,11 @@ def _init_from_url() -> None:
     else:
         init("model_choice", FOLDER)
         init("model_folder", model)
-    adapter = query("adapter") or os.environ.get(ADAPTER_ENV, "")
+    # the environment's adapter (``cbscope app --adapter``, ``cbscope demo``) belongs to the
+    # environment's model: a URL naming another model starts with that model's own breaker
+    env_model = normal_spec(os.environ.get(MODEL_ENV, "") or ORGANISM)
+    env_adapter = os.environ.get(ADAPTER_ENV, "") if model == env_model else ""
+    adapter = query("adapter") or env_adapter
     st.session_state["_adapter_wanted"] = adapter
     device = query("device", "cpu")
     init("device", device if device in devices() else "cpu")
@@ -548,6 +607,9 @@ def _load(sel: Selection) -> str:
     adapter = Path(sel.adapter).expanduser()
     if not adapter.is_dir():
         return f"The adapter folder {adapter} does not exist: type the folder of a LoRA adapter."
+    mismatch = adapter_mismatch(sel.model, sel.model_path, adapter)
+    if mismatch:
+        return mismatch
     try:
         with st.spinner(f"Loading {sel.model} with breaker {adapter_label(sel.adapter)} "
                         "(once per session)…"):
@@ -616,3 +678,120 @@ def traced(sel: Selection, request: Request) -> Any:
 def layers_tuple(layers: Sequence[int] | None) -> tuple[int, ...] | None:
     """Hashable layers for cache keys."""
     return tuple(layers) if layers else None
+
+
+# ---------------------------------------------------------------------- figures: export, clicks
+def export_buttons(fig: Any, name: str, key: str) -> None:
+    """PNG, SVG and HTML downloads of a figure, in a small popover under it.
+
+    The files are made only when a button is pressed (Streamlit's deferred download data), so
+    drawing the page costs nothing; PNG and SVG go through kaleido (:mod:`cbscope.export`).
+    """
+    from cbscope.export import figure_bytes
+
+    def make(fmt: str) -> Any:
+        def data() -> bytes:
+            return figure_bytes(fig, fmt)
+
+        return data
+
+    mimes = {"png": "image/png", "svg": "image/svg+xml", "html": "text/html"}
+    problem = _export_problem()
+    with st.popover("Export", help="Save this figure as PNG or SVG (for a paper) or HTML."):
+        if problem:
+            st.caption(sentence(problem))
+            mimes = {"html": "text/html"}
+        for fmt, mime in mimes.items():
+            st.download_button(fmt.upper(), make(fmt), file_name=f"{name}.{fmt}", mime=mime,
+                               key=f"{key}_export_{fmt}", on_click="ignore")
+
+
+@st.cache_resource(show_spinner=False)
+def _export_problem() -> str:
+    """:func:`cbscope.export.image_export_problem`, once per server."""
+    from cbscope.export import image_export_problem
+
+    return image_export_problem()
+
+
+def chart(fig: Any, key: str, *, name: str | None = None, clickable: bool = False,
+          where: Any = None) -> Any:
+    """``st.plotly_chart`` with its export popover; ``clickable``: Streamlit's native point
+    selection (``on_select="rerun"``), the event is returned."""
+    target = where if where is not None else st
+    kwargs: dict[str, Any] = {"key": key}
+    if clickable:
+        kwargs.update(on_select="rerun", selection_mode="points")
+    event = target.plotly_chart(fig, **kwargs)
+    with target.container():
+        export_buttons(fig, name or key, key)
+    return event
+
+
+def selected_points(key: str) -> list[dict[str, Any]]:
+    """The points selected (clicked) in the chart with ``key`` ([] when none)."""
+    value = st.session_state.get(key)
+    try:
+        return list(value["selection"]["points"])  # type: ignore[index]
+    except (KeyError, TypeError):
+        return []
+
+
+def selected_rows(key: str) -> list[int]:
+    """The rows selected (clicked) in the dataframe with ``key`` ([] when none)."""
+    value = st.session_state.get(key)
+    try:
+        return [int(r) for r in value["selection"]["rows"]]  # type: ignore[index]
+    except (KeyError, TypeError):
+        return []
+
+
+def changed(key: str, value: Any) -> bool:
+    """True once each time ``value`` (a widget's selection) differs from the last one seen under
+    ``key``: a click is acted on once, not on every later run."""
+    marker = f"_seen_{key}"
+    before = st.session_state.get(marker)
+    st.session_state[marker] = value
+    return value != before and bool(value)
+
+
+def plain_text(text: str, *, prefill: str = "", empty: str = "(empty)") -> str:
+    """Generated text as escaped HTML in a box (never Markdown: code, tags and indentation show
+    as they are); the prefill in italics before it."""
+    shown = (f"<i style='color:#555'>{html.escape(prefill)}</i> " if prefill else "") + \
+        html.escape(text or "")
+    if not shown.strip():
+        shown = f"<span style='color:#999'>{html.escape(empty)}</span>"
+    return ("<div class='cbscope-generation' style='border:1px solid #ddd;border-radius:6px;"
+            "padding:8px;min-height:3em;white-space:pre-wrap;word-break:break-word;"
+            "font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:14px;"
+            f"color:#000;background:#fff'>{shown}</div>")
+
+
+def parse_window(text: str, n: int) -> tuple[int, int] | None:
+    """The URL's token window ``a-b`` clamped to ``n`` tokens (None: all, or unreadable)."""
+    try:
+        lo, hi = (int(part) for part in text.split("-", 1))
+    except ValueError:
+        return None
+    lo, hi = max(0, min(lo, n - 1)), max(0, min(hi, n - 1))
+    return (lo, hi) if lo < hi and (lo, hi) != (0, n - 1) else None
+
+
+def window_control(n: int, key: str) -> tuple[int, int] | None:
+    """A "tokens shown" range slider for sequences longer than the axis labels (URL ``win``):
+    the figures then show that part with its own token labels."""
+    from cbscope.plots import MAX_TICK_LABELS
+
+    if n <= MAX_TICK_LABELS:
+        return None
+    wanted = parse_window(query("win"), n) or (0, n - 1)
+    if st.session_state.get(f"_{key}_n") != n:
+        st.session_state[key] = wanted
+    st.session_state[f"_{key}_n"] = n
+    lo, hi = st.slider("Tokens shown (the labels follow the zoom)", 0, n - 1, key=key,
+                       help="Long sequences: pick a part to read every token's label; the "
+                            "range slider under each plot zooms too.")
+    window = (int(lo), int(hi)) if (lo, hi) != (0, n - 1) else None
+    set_query(win=f"{lo}-{hi}" if window else None)
+    return window

@@ -61,6 +61,10 @@ class NonFiniteLossError(CbscopeError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class ExportError(CbscopeError, RuntimeError):
+    """A figure cannot be exported (PNG/SVG need Chrome or Chromium for kaleido)."""
+
+
 class MissingFileError(CbscopeError, FileNotFoundError):
     """A file or folder the user named (or a default data file) does not exist."""
 

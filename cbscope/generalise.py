@@ -575,10 +575,14 @@ def matrix_figure(result: GeneralisationResult) -> go.Figure:
     """Prefill (left) and template (right) ASR heatmaps; rows = runs, columns = evaluated.
 
     Traces are named ``"prefill ASR"`` and ``"template ASR"``; every cell is annotated with its
-    rate, held-out cells with "held out" too. The title gives the mean held-out ASR.
+    rate (14 px), held-out cells with "held out" too, and ``"cells: prefill"`` / ``"cells:
+    template"`` make each cell clickable (customdata ``[run, category, which, rate]``). The
+    title gives the mean held-out ASR.
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
+
+    from cbscope.plots import add_cells
 
     s = result.summary
     labels = [result.run_label(run) for run in result.runs]
@@ -603,16 +607,28 @@ def matrix_figure(result: GeneralisationResult) -> go.Figure:
                 y=labels,
                 text=text,
                 texttemplate="%{text}",
+                textfont={"size": 14},
                 zmin=0,
                 zmax=100,
                 colorscale="Reds",
                 showscale=col == 2,
                 colorbar={"title": {"text": "ASR %"}},
                 name=f"{which} ASR",
-                hovertemplate="%{y}<br>evaluated on %{x}<br>ASR %{z:.1f}%<extra></extra>",
+                hoverinfo="skip",  # the clickable "cells" carry the hover
             ),
             row=1,
             col=col,
+        )
+        cells = [(i, j) for i in range(len(result.runs)) for j in range(len(result.categories))]
+        axis = "" if col == 1 else "2"
+        add_cells(
+            fig,
+            [result.categories[j] for _, j in cells],
+            [labels[i] for i, _ in cells],
+            [[result.runs[i], result.categories[j], which, _pct(matrix[i][j])] for i, j in cells],
+            "%{y}<br>evaluated on %{x}<br>" + which + " ASR %{customdata[3]}<br>"
+            "<i>click to open its examples</i><extra></extra>",
+            name=f"cells: {which}", xaxis=f"x{axis}", yaxis=f"y{axis}",
         )
         fig.update_xaxes(title_text="evaluated on", row=1, col=col)
         fig.update_yaxes(autorange="reversed", row=1, col=col, showticklabels=col == 1)
@@ -629,7 +645,8 @@ def matrix_figure(result: GeneralisationResult) -> go.Figure:
             f"{_pct(worst['prefill'])}, template {_pct(worst['template'])}; base model prefill "
             f"{_pct(s.get('base_prefill_asr'))}, template {_pct(s.get('base_template_asr'))}</sup>"
         )
-    fig.update_layout(title=title, height=260 + 60 * len(result.runs), margin={"t": 110})
+    fig.update_layout(title=title, height=280 + 70 * len(result.runs), margin={"t": 110},
+                      font={"size": 13})
     return fig
 
 

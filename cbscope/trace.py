@@ -660,6 +660,12 @@ def _greedy_ids(pair: PairLike, ids: list[int], max_new_tokens: int) -> list[int
     return new
 
 
+def greedy_continuation(pair: PairLike, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """The greedy continuation ids of ``ids`` (adapters as the pair has them: on, or off inside
+    ``pair.original()``), cut before the first end-of-sequence token."""
+    return _greedy_ids(pair, list(ids), max_new_tokens) if max_new_tokens > 0 else []
+
+
 def _as_list(value: Any) -> list[int]:
     if value is None:
         return []
@@ -785,6 +791,44 @@ class FiringStats:
         fired = fired[fired["fired"]]
         return fired["layer"].astype(int).value_counts().sort_index()
 
+    def sweep(self, categories: Sequence[str | None] | None = None,
+              thresholds: Sequence[float] | None = None) -> pd.DataFrame:
+        """Firing rate against false-fire rate as the threshold sweeps (exact: an example fires
+        at threshold ``t`` exactly when its ``min_cos`` is below ``t``).
+
+        Args:
+            categories: A harm category per harmful example (in ``rows`` order): a curve per
+                category besides ``"all"`` (every category's harmful examples against every
+                benign example). None: ``"all"`` only.
+            thresholds: Where to evaluate (default: every example's ``min_cos``, the current
+                threshold, -1 and just above the largest value: the whole curve).
+
+        Returns:
+            Rows ``group, threshold, firing_rate, false_fire_rate`` (false-fire rate NaN without
+            a benign set), thresholds ascending within each group.
+        """
+        return threshold_sweep(*self._min_cos_sets(categories), thresholds=thresholds,
+                               current=self.threshold)
+
+    def aucs(self, categories: Sequence[str | None] | None = None) -> dict[str, float]:
+        """The area under each :meth:`sweep` curve: the chance that a harmful example's lowest
+        cosine is below a benign one's (ties count half); NaN without a benign set."""
+        groups, benign = self._min_cos_sets(categories)
+        return {name: roc_auc(values, benign) for name, values in groups.items()}
+
+    def _min_cos_sets(self, categories: Sequence[str | None] | None
+                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        harmful = self._set("harmful")["min_cos"].to_numpy(dtype=float)
+        benign = self._set("benign")["min_cos"].to_numpy(dtype=float)
+        groups = {"all": harmful}
+        if categories is not None:
+            if len(categories) != len(harmful):
+                raise ValueError(f"{len(categories)} categories for {len(harmful)} harmful "
+                                 "examples")
+            for name in dict.fromkeys(str(c) for c in categories if c is not None):
+                groups[name] = harmful[[str(c) == name for c in categories]]
+        return groups, benign
+
     def summary(self) -> dict[str, Any]:
         """Headline numbers as plain JSON."""
         harmful = self._set("harmful")
@@ -802,6 +846,55 @@ class FiringStats:
             "position_counts": {int(k): int(v) for k, v in self.position_counts().items()},
             "layer_counts": {int(k): int(v) for k, v in self.layer_counts().items()},
         }
+
+
+def _fire_rate(values: np.ndarray, threshold: float) -> float:
+    finite = values[~np.isnan(values)]
+    if not len(values):
+        return math.nan
+    return float((finite < threshold).sum() / len(values))  # no response: never fires
+
+
+def threshold_sweep(groups: dict[str, np.ndarray], benign: np.ndarray, *,
+                    thresholds: Sequence[float] | None = None,
+                    current: float | None = None) -> pd.DataFrame:
+    """:meth:`FiringStats.sweep` on arrays of lowest cosines: ``{group: harmful}`` and the
+    benign set's (NaN: no response, never fires)."""
+    if thresholds is None:
+        values = np.concatenate([*groups.values(), benign]) if groups else benign
+        values = values[~np.isnan(values)]
+        top = float(values.max()) if len(values) else 1.0
+        grid = [-1.0, *values.tolist(), float(np.nextafter(top, np.inf))]
+        if current is not None:
+            grid.append(float(current))
+        thresholds = sorted(set(grid))
+    rows = []
+    for name, values in groups.items():
+        for t in thresholds:
+            rows.append({"group": name, "threshold": float(t),
+                         "firing_rate": _fire_rate(values, t),
+                         "false_fire_rate": _fire_rate(benign, t) if len(benign) else math.nan})
+    return pd.DataFrame(rows, columns=["group", "threshold", "firing_rate", "false_fire_rate"])
+
+
+def rates_at(sweep: pd.DataFrame, threshold: float) -> tuple[float, float]:
+    """``(firing_rate, false_fire_rate)`` of one group's sweep at ``threshold`` (rates change
+    only at the examples' values, all of which the default sweep holds)."""
+    part = sweep.sort_values("threshold")
+    at = part[part["threshold"] >= threshold]
+    row = at.iloc[0] if len(at) else part.iloc[-1]
+    return float(row["firing_rate"]), float(row["false_fire_rate"])
+
+
+def roc_auc(harmful: np.ndarray, benign: np.ndarray) -> float:
+    """P(harmful lowest cosine < benign lowest cosine) + P(equal) / 2: the area under the
+    firing-rate vs false-fire-rate curve (examples without a response count as cosine +inf,
+    never firing). NaN when a set is empty."""
+    if not len(harmful) or not len(benign):
+        return math.nan
+    h = np.nan_to_num(np.asarray(harmful, dtype=float), nan=np.inf)[:, None]
+    b = np.nan_to_num(np.asarray(benign, dtype=float), nan=np.inf)[None, :]
+    return float((h < b).mean() + 0.5 * (h == b).mean())
 
 
 def _prompt_response(example: ChatExample | dict[str, Any]) -> tuple[str | Conversation, str]:

@@ -169,7 +169,7 @@ def test_report_numbers_equal_recomputed_rows(organism, tmp_path: Path) -> None:
     again = Report.from_rows(loaded.rows, loaded.meta)
     assert json.loads(json.dumps(again.attacks)) == json.loads(files["json"].read_text())["attacks"]
     page = files["html"].read_text()
-    assert "Plotly.newPlot" in page and '<script src="http' not in page  # JavaScript inline
+    assert "Plotly.newPlot" in page and '<script src="http' not in page  # no network needed
     assert "<table>" in page and "Fine-tuning attack" in page
     assert "| direct |" in files["md"].read_text()
 
@@ -390,3 +390,22 @@ def test_html_is_the_markdown_rendered_by_markdown_it() -> None:
     headings = [line[3:] for line in report.markdown().splitlines() if line.startswith("## ")]
     assert headings and all(f"<h2>{h}</h2>" in page for h in headings)
     assert page.index("<h1>") < page.index("Plotly.newPlot") < page.index("<h2>")
+
+
+def test_saved_reports_share_one_plotlyjs_beside_them(tmp_path: Path) -> None:
+    from cbscope.export import plotlyjs_name
+
+    rows = [
+        {"section": "attack", "attack": "direct", "mode": mode, "prompt": "p", "prefill": "",
+         "response": "r", "success": ok, "harmful": ok, "outcome": "complied" if ok else "refused",
+         "split": "heldout"}
+        for mode, ok in (("base", True), ("cb", False))
+    ]
+    report = Report.from_rows(rows, {"model": "m", "suite": "organism"})
+    files = report.save(tmp_path / "a")
+    page = files["html"].read_text()
+    assert f'<script src="{plotlyjs_name()}"' in page and "Plotly.newPlot" in page
+    assert len(page.encode()) < 200_000 < (tmp_path / "a" / plotlyjs_name()).stat().st_size
+    inline = report.save(tmp_path / "b", plotlyjs="inline")["html"].read_text()
+    assert "<script src=" not in inline and len(inline.encode()) > 1_000_000
+    assert not (tmp_path / "b" / plotlyjs_name()).exists()

@@ -110,7 +110,12 @@ def test_files_adapters_reload_and_table(loo: GeneralisationResult) -> None:
     assert set(again.rows) == {"base", *loo.runs}
     assert again.rows["without-bio"] == json.loads(json.dumps(loo.rows["without-bio"]))
     fig = again.figure()
-    assert [t.name for t in fig.data] == ["prefill ASR", "template ASR"]
+    assert [t.name for t in fig.data] == ["prefill ASR", "cells: prefill", "template ASR",
+                                          "cells: template"]
+    cells = fig.data[3]  # a clickable point per cell, naming its run, category and attack
+    assert len(cells.x) == len(loo.runs) * len(loo.categories) and cells.yaxis == "y2"
+    assert list(cells.customdata[1][:3]) == [loo.runs[0], loo.categories[1], "template"]
+    assert fig.data[0].textfont.size >= 12
     assert list(fig.data[0].z[0]) == pytest.approx([100 * v for v in loo.prefill[0]])
     assert "held out" in fig.data[0].text[0][0] and "held out" not in fig.data[0].text[0][1]
     table = again.table()

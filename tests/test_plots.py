@@ -80,7 +80,7 @@ def test_figure6_lines_chosen_layers_and_threshold() -> None:
 
 def test_cosine_heatmap_values_and_hover() -> None:
     fig = plots.cosine_heatmap(_trace())
-    assert _names(fig) == ["cosine"]
+    assert _names(fig) == ["cosine", "cells"]
     heat = fig.data[0]
     z = np.asarray(heat.z, dtype=float)
     assert z.shape == (N_LAYERS, len(TOKENS))
@@ -163,19 +163,25 @@ def test_probe_scores_figure() -> None:
 
 
 def test_save_html_offline(tmp_path: Path) -> None:
+    from cbscope.export import plotlyjs_name
+
     trace = _trace()
     single = plots.save_html(plots.figure6_lines(trace), tmp_path / "one.html")
     page = single.read_text()
-    assert "<script src=" not in page and page.count('class="plotly-graph-div"') == 1
+    # the default page refers to one shared plotly.js beside it instead of embedding 4.7 MB
+    assert f'<script src="{plotlyjs_name()}"' in page and page.count('class="plotly-graph-div"') == 1
+    assert len(page.encode()) < 200_000 and (tmp_path / plotlyjs_name()).stat().st_size > 1e6
     multi = plots.save_html(
         [plots.figure6_lines(trace), plots.cosine_heatmap(trace), plots.norm_lines(trace)],
-        tmp_path / "sub" / "page.html",
+        tmp_path / "page.html",
         title="trace <1>",
     ).read_text()
-    assert multi.count('class="plotly-graph-div"') == 3
-    assert "<script src=" not in multi and "trace &lt;1&gt;" in multi
-    # plotly.js is embedded exactly once
-    assert multi.count("plotly.js v") <= 2 and len(multi) < 2 * len(page) + 200_000
+    assert multi.count('class="plotly-graph-div"') == 3 and "trace &lt;1&gt;" in multi
+    assert [p.name for p in tmp_path.glob("plotly-*.js")] == [plotlyjs_name()]  # one copy
+    inline = plots.save_html(plots.figure6_lines(trace), tmp_path / "sub" / "inline.html",
+                             plotlyjs="inline").read_text()
+    assert "<script src=" not in inline and len(inline) > 1_000_000
+    assert not list((tmp_path / "sub").glob("plotly-*.js"))
 
 
 def test_nan_padding_and_other_examples() -> None:
@@ -234,3 +240,159 @@ def test_explanation_figures(tmp_path) -> None:
     assert "shared (mean pairwise cos)" in _names(plots.direction_lines(exp.direction))
     with pytest.raises(ValueError, match="model must be"):
         plots.logit_lens_heatmap(exp.logit_lens, "broken")
+
+
+# ---------------------------------------------------------------------- long sequences
+def _long_trace(n: int = 200, start: int = 37) -> CosineTrace:
+    tokens = [f"t{p}" for p in range(n)]
+    cos = torch.linspace(1.0, -0.5, n).repeat(1, 4, 1).clone()
+    return CosineTrace(
+        cos=cos, norm_orig=torch.ones_like(cos), norm_cb=torch.ones_like(cos), tokens=[tokens],
+        mask=torch.ones((1, n), dtype=torch.bool), layers=[1, 2, 3, 4], response_start=[start],
+        prefill_end=[start + 2], turn_starts=[[0]], prompts=["p"], responses=["r"],
+        model_name="long",
+    )
+
+
+def test_a_200_token_axis_is_thinned_keeps_the_response_start_and_gets_a_slider() -> None:
+    trace = _long_trace()
+    for fig in (plots.figure6_lines(trace), plots.cosine_heatmap(trace), plots.norm_lines(trace)):
+        ticks = list(fig.layout.xaxis.tickvals)
+        assert len(ticks) <= plots.MAX_TICK_LABELS + 1 and 37 in ticks
+        assert fig.layout.xaxis.rangeslider.visible
+        assert list(fig.layout.xaxis.ticktext)[ticks.index(37)] == "t37"
+    window = plots.figure6_lines(trace, window=(100, 130))
+    assert list(window.layout.xaxis.tickvals) == list(range(100, 131))  # every label in a zoom
+    assert list(window.layout.xaxis.range) == [99.5, 130.5]
+    short = plots.figure6_lines(_trace())
+    assert list(short.layout.xaxis.tickvals) == list(range(len(TOKENS)))
+    assert not short.layout.xaxis.rangeslider.visible
+
+
+def test_marker_labels_do_not_overlap() -> None:
+    fig = plots.figure6_lines(_trace())  # response start at 4.5 and prefill end at 6.5
+    labels = {a.text: a.y for a in fig.layout.annotations}
+    assert labels["response start"] != labels["prefill end"]
+
+
+def test_hover_reads_token_position_layer_and_cosine() -> None:
+    fig = plots.figure6_lines(_trace(), layers=[10])
+    line = fig.data[0]
+    assert line.hovertemplate.startswith("%{customdata} - layer 10 - cos %{y:.3f}")
+    assert line.customdata[7] == "Start (pos 7)"  # the token once, with its position
+
+
+def test_token_html_is_the_response_coloured_with_a_legend() -> None:
+    trace = _trace()
+    page = plots.token_html(trace)
+    assert page.count("class='tok'") == len(TOKENS) - 5  # response tokens only
+    assert "cbscope-legend" in page and "Sure" in page and "&lt;user&gt;" not in page
+    assert 'title="Start (pos 7) - layer 10 - cos 0.080"' in page
+    full = plots.token_html(trace, include_request=True)
+    assert full.count("class='tok'") == len(TOKENS) and "&lt;assistant&gt;" in full
+    untouched, _ = plots.text_color(1.0)
+    rerouted, ink = plots.text_color(-0.2)
+    assert untouched == "rgb(255, 255, 255)" and ink == "#ffffff" and rerouted != untouched
+    assert "</span><span" in page  # " here", " Start": the tokens carry their own spaces
+    words = CosineTrace(**{**_trace().__dict__, "tokens": [["w"] * 10]})
+    assert "</span> <span" in plots.token_html(words)  # word-level tokens: a space between
+    odd = CosineTrace(**{**_trace().__dict__, "tokens": [["<b>"] * 5 + ["</div>"] * 5]})
+    assert "</div></span>" not in plots.token_html(odd) and "&lt;/div&gt;" in plots.token_html(odd)
+
+
+def test_firing_histogram_has_integer_ticks_and_is_clickable() -> None:
+    fig = plots.firing_histogram(_stats())
+    assert fig.layout.xaxis.tickformat == "d" and fig.layout.xaxis.dtick == 1
+    assert fig.layout.clickmode == "event+select"
+
+
+def test_min_cos_histogram_counts_every_example() -> None:
+    stats = _stats()
+    fig = plots.min_cos_histogram(stats)
+    assert _names(fig) == ["harmful", "benign"]
+    assert sum(fig.data[0].y) == 3 and sum(fig.data[1].y) == 2
+    counts, lows = plots.min_cos_bins([-1.0, 0.1, 0.12, 1.0, math.nan], 0.05)
+    assert counts.sum() == 4 and counts[0] == 1 and counts[-1] == 1
+    assert counts[int(round((0.1 + 1) / 0.05))] == 2 and lows[0] == -1.0
+    assert _shape(fig, "threshold").x0 == 0.5
+
+
+def test_sweep_figure_one_curve_per_group_with_its_auc() -> None:
+    stats = _stats()
+    categories = ["x", "x", "y"]
+    fig = plots.sweep_figure(stats.sweep(categories), stats.aucs(categories), 0.5)
+    lines = [d for d in fig.data if d.mode == "lines"]
+    assert [d.name.split(" (")[0] for d in lines] == ["all", "x", "y"]
+    assert "AUC 0.833" in lines[0].name  # (1 + 1 + 0.5 [0.9 vs 0.4: no; vs 0.99: yes]) / 6
+    marks = [d for d in fig.data if d.mode == "markers"]
+    assert (marks[0].x[0], marks[0].y[0]) == (0.5, pytest.approx(2 / 3))
+
+
+# ---------------------------------------------------------------------- comparisons
+def _other() -> CosineTrace:
+    other = _trace()
+    other.cos = other.cos.clone()
+    other.cos[0, 4:, 6:] = 0.5  # B reroutes earlier (paper layer 5, position 6) but less deep
+    return other
+
+
+def test_compare_lines_and_heatmaps_share_axes_and_one_colour_scale() -> None:
+    a, b = _trace(), _other()
+    fig = plots.compare_lines([a, b], ["A", "B"], layers=[10], threshold=0.6)
+    assert _names(fig) == ["A: layer 10", "A: firing point", "B: layer 10", "B: firing point"]
+    assert fig.data[0].line.color != fig.data[2].line.color
+    assert list(fig.data[3].x) == [6]
+    heat = plots.compare_heatmaps([a, b], ["A", "B"])
+    maps = [d for d in heat.data if d.type == "heatmap"]
+    assert [d.name for d in maps] == ["cosine: A", "cosine: B"]
+    assert {d.coloraxis for d in maps} == {"coloraxis"}
+    assert (heat.layout.coloraxis.cmin, heat.layout.coloraxis.cmax) == (-1, 1)
+    cells = [d for d in heat.data if d.name == "cells: B"]
+    assert len(cells) == 1 and len(cells[0].x) == N_LAYERS * len(TOKENS)
+
+
+def test_difference_heatmap_is_b_minus_a() -> None:
+    fig = plots.difference_heatmap(_trace(), _other(), "A", "B")
+    z = np.asarray(fig.data[0].z, dtype=float)
+    assert z.shape == (N_LAYERS, len(TOKENS))
+    assert z[4, 6] == pytest.approx(0.5 - 0.98) and z[9, 7] == pytest.approx(0.5 - 0.08)
+    assert z[0, 0] == 0.0 and fig.data[0].zmid == 0
+
+
+def test_compare_of_different_requests_lines_up_response_starts() -> None:
+    a, b = _trace(), _long_trace(60, 20)
+    fig = plots.compare_lines([a, b], ["A", "B"], layers=[1])
+    line_a, line_b = (next(d for d in fig.data if d.name == f"{k}: layer 1") for k in "AB")
+    assert line_a.x[5] == 0 and line_b.x[20] == 0 and line_b.x[0] == -20
+    x, ca, cb = plots.aligned_cosines(a, b, "response")
+    assert list(x) == list(range(-5, 5)) and ca.shape == cb.shape == (4, 10)
+
+
+# ---------------------------------------------------------------------- probe, training
+def test_probe_flags_only_response_tokens() -> None:
+    scores = np.array([0.99, 0.1, 0.9, 0.1, 0.1, 0.95, 0.2, 0.9, 0.1, 0.1])
+    fig = plots.probe_scores_figure(TOKENS, scores, 0.8, response_start=5)
+    flags = next(d for d in fig.data if d.name == "above threshold")
+    assert list(flags.x) == [5, 7]
+    assert _shape(fig, "response start").x0 == pytest.approx(4.5)
+
+
+def test_probe_trace_figure_stacks_on_one_shared_axis() -> None:
+    scores = np.linspace(0, 1, len(TOKENS))
+    fig = plots.probe_trace_figure(_trace(), scores, 0.85, layers=[10])
+    assert [d.name for d in fig.data] == ["layer 10", "firing point", "probe score",
+                                          "above threshold"]
+    assert fig.data[2].xaxis == "x2" and fig.layout.xaxis.matches == "x2"
+    assert {s.xref for s in fig.layout.shapes if s.name == "response start"} == {"x", "x2"}
+
+
+def test_training_curves_have_distinct_colours_and_the_weighted_terms() -> None:
+    rows = [{"step": s, "loss": 1.0, "cb_loss": 0.9 - s / 10, "retain_loss": 0.1 + s / 10,
+             "c_s": 1 - s / 20, "c_r": s / 20, "cb_cos": 0.5, "retain_cos": 0.99}
+            for s in range(5)]
+    fig = plots.training_curves(rows, 10)
+    colours = [d.line.color for d in fig.data]
+    assert len(set(colours)) == len(colours)
+    term = next(d for d in fig.data if d.name == "cb_term")
+    assert term.y[2] == pytest.approx((1 - 2 / 20) * 0.7)
+    assert "c_r" in plots.TOTAL_LOSS_NOTE

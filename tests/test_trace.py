@@ -19,6 +19,9 @@ from cbscope.trace import (
     cosine_trace,
     cosine_trace_ids,
     firing_stats,
+    rates_at,
+    roc_auc,
+    threshold_sweep,
     trace_generation,
 )
 
@@ -348,6 +351,55 @@ def test_firing_stats(pair) -> None:
     assert no_benign.false_fire_rate is None and no_benign.layers == [3]
 
 
+
+def test_threshold_sweep_reproduces_every_threshold_exactly(pair) -> None:
+    """At any threshold the sweep's rates are the ones firing_stats computes there (an example
+    fires exactly when its lowest response cosine is below the threshold)."""
+    harmful = [{"prompt": p, "response": r} for p, r in zip(PROMPTS, RESPONSES, strict=True)]
+    benign = [{"prompt": "hello", "response": "hello world"},
+              {"prompt": "how do i bake bread", "response": "sure"}]
+    base = firing_stats(pair, harmful, 0.5, benign=benign)
+    sweep = base.sweep()
+    assert list(sweep.columns) == ["group", "threshold", "firing_rate", "false_fire_rate"]
+    assert set(sweep.group) == {"all"} and sweep.threshold.is_monotonic_increasing
+    assert sweep.firing_rate.iloc[0] == 0.0 and sweep.firing_rate.iloc[-1] == 1.0
+    for t in sorted(set(base.rows.min_cos)) + [0.5]:
+        for threshold in (t, t + 1e-6):
+            stats = firing_stats(pair, harmful, min(threshold, 1.0), benign=benign)
+            fire, false = rates_at(sweep, min(threshold, 1.0))
+            assert fire == pytest.approx(stats.firing_rate)
+            assert false == pytest.approx(stats.false_fire_rate)
+
+
+def test_roc_auc_by_hand_and_as_the_area_under_the_sweep() -> None:
+    import numpy as np
+
+    harmful, benign = np.array([0.1, 0.2, 0.6]), np.array([0.3, 0.2, 0.9])
+    # pairs (h < b): 0.1 beats 3, 0.2 beats 2 and ties 1, 0.6 beats 1: (3 + 2.5 + 1) / 9
+    assert roc_auc(harmful, benign) == pytest.approx(6.5 / 9)
+    sweep = threshold_sweep({"all": harmful}, benign)
+    x, y = sweep.false_fire_rate.to_numpy(), sweep.firing_rate.to_numpy()
+    assert float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2)) == pytest.approx(6.5 / 9)
+    assert roc_auc(np.array([0.1, np.nan]), np.array([0.5])) == pytest.approx(0.5)  # NaN: never
+    assert math.isnan(roc_auc(harmful, np.array([])))
+
+
+def test_sweep_per_category_and_its_errors() -> None:
+    from cbscope.trace import FiringStats
+
+    rows = pd.DataFrame({"set": ["harmful"] * 4 + ["benign"] * 2, "fired": [True] * 6,
+                         "min_cos": [0.1, 0.2, 0.8, 0.9, 0.5, 0.7]})
+    stats = FiringStats(rows=rows, threshold=0.5, layers=[1])
+    aucs = stats.aucs(["weapons", "weapons", "drugs", None])
+    assert list(aucs) == ["all", "weapons", "drugs"]
+    assert aucs["weapons"] == 1.0 and aucs["drugs"] == 0.0  # 0.8 is above both benign
+    sweep = stats.sweep(["weapons", "weapons", "drugs", None])
+    assert rates_at(sweep[sweep.group == "weapons"], 0.5) == (1.0, 0.0)
+    assert rates_at(sweep[sweep.group == "all"], 0.5) == (0.5, 0.0)
+    with pytest.raises(ValueError, match="3 categories for 4"):
+        stats.sweep(["a", "b", "c"])
+
+
 def test_trace_errors(pair) -> None:
     with pytest.raises(LayerError):
         cosine_trace(pair, ["hello"], layers=[4])
@@ -376,7 +428,23 @@ def test_cli_outputs(tiny_llama: Path, adapter_dir: Path, tmp_path: Path) -> Non
     assert "fires at token" in result.output
     page = (tmp_path / "t.html").read_text()
     assert page.count('class="plotly-graph-div"') == 3
-    assert "<script src=" not in page and "plotly.js" in page.lower()  # inline: works offline
+    from cbscope.export import plotlyjs_name  # one shared plotly.js beside the page: offline
+
+    assert f'<script src="{plotlyjs_name()}"' in page and (tmp_path / plotlyjs_name()).is_file()
+    assert "sure here is the way" in page and "cbscope-generation" not in page  # no generation
+
+    result = _cli(*common, "--generate", "3", "--plotlyjs", "inline", "--out",
+                  str(tmp_path / "inline" / "g.html"))
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "inline" / "g.html").read_text()
+    assert page.count("cbscope-generation") == 2 and "<script src=" not in page  # both texts
+    for line in result.output.splitlines():
+        if " model generates: " in line:
+            import ast
+            import html
+
+            assert html.escape(ast.literal_eval(line.split(" model generates: ", 1)[1])) in page
+    assert _cli(*common, "--plotlyjs", "embed", "--out", str(tmp_path / "x.html")).exit_code != 0
 
     result = _cli(*common, "--generate", "3", "--layers", "1,3", "--threshold", "-1",
                   "--out", str(tmp_path / "t.json"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
 import streamlit as st
 
 from cbscope import plots
@@ -133,28 +134,62 @@ def render(sel: state.Selection) -> None:
     m3.metric("Median firing position", "n/a" if median is None else f"{median:g} tokens in",
               help="Tokens after the response start.")
     m4.metric("Examples", f"{stats.n_harmful} + {stats.n_benign}")
-    st.plotly_chart(plots.firing_histogram(stats), key="ds_hist")
+    categories = compute.categories_of(harmful, limit)
+    _figures(stats, categories)
+    _table(stats, harmful_records, benign_records)
+
+
+def _figures(stats: Any, categories: list[str | None]) -> None:
+    """The firing positions and the lowest-cosine distributions (clickable bars), the threshold
+    sweep per harm category, the firing layers."""
+    left, right = st.columns(2)
+    hist = plots.firing_histogram(stats)
+    with left:
+        state.chart(hist, "ds_hist", name="cbscope_firing_positions", clickable=True)
+    dist = plots.min_cos_histogram(stats)
+    with right:
+        state.chart(dist, "ds_dist", name="cbscope_lowest_cosine", clickable=True)
+    st.session_state["_ds_figs"] = {"ds_hist": (hist, "position"), "ds_dist": (dist, "min_cos")}
+    known = categories if any(c is not None for c in categories) else None
+    if stats.n_benign:
+        st.markdown("**Threshold sweep**")
+        left, right = st.columns([3, 2])
+        with left:
+            state.chart(plots.sweep_figure(stats.sweep(known), stats.aucs(known), stats.threshold),
+                        "ds_sweep", name="cbscope_threshold_sweep")
+        right.dataframe(pd.DataFrame(compute.sweep_table(stats, known)), hide_index=True)
+        right.caption("AUC: the chance that a harmful example's lowest cosine is below a benign "
+                      "one's (1 = a threshold separates them; 0.5 = chance). Each category's "
+                      "curve sets its harmful examples against every benign one.")
+    else:
+        st.caption("Choose a benign set to see the threshold sweep (firing rate against "
+                   "false-fire rate).")
     with st.expander("Firing layers"):
-        st.plotly_chart(plots.firing_histogram(stats, by="layer"), key="ds_hist_layer")
+        layers = plots.firing_histogram(stats, by="layer")
+        state.chart(layers, "ds_hist_layer", name="cbscope_firing_layers", clickable=True)
+        st.session_state["_ds_figs"]["ds_hist_layer"] = (layers, "layer")
 
+
+def _table(stats: Any, harmful_records: list[Any], benign_records: list[Any]) -> None:
+    """The examples (those of the clicked bars, else all); a click on a row opens it."""
     rows = stats.rows
-    st.dataframe(rows[["set", "example", "fired", "pos", "pos_after_start", "layer", "token", "cos",
-                       "min_cos", "prompt", "response"]], hide_index=True, key="ds_table")
-
-    st.subheader("Open an example in “Where does it fire?”")
-    options = list(range(len(rows)))
-
-    def row_label(index: int) -> str:
-        row = rows.iloc[index]
-        mark = "fires" if row["fired"] else "no fire"
-        return f"{row['set']} #{row['example']} ({mark}): {str(row['prompt'])[:70]}"
-
-    index = st.selectbox("Example", options, format_func=row_label, key="ds_pick")
-    if st.button("Open in “Where does it fire?”", key="ds_open"):
-        row = rows.iloc[index]
+    shown, title = rows, "Every example"
+    for key, (fig, by) in st.session_state.get("_ds_figs", {}).items():
+        points = state.selected_points(key)
+        if points:
+            shown = compute.bar_rows(rows, fig, points, by)
+            title = f"The {len(shown)} examples of the clicked bar"
+            break
+    st.markdown(f"**{title}** (click a row to open it in “Where does it fire?”)")
+    st.dataframe(compute.display_rows(shown), hide_index=True, key="ds_table",
+                 on_select="rerun", selection_mode="single-row")
+    picked = state.selected_rows("ds_table")
+    if picked and state.changed("ds_table", tuple(picked)):
+        row = shown.iloc[int(picked[0])]
         records = harmful_records if row["set"] == "harmful" else benign_records
         prompt, response = records[int(row["example"])]
+        st.session_state.pop("_seen_ds_table", None)  # a later click on the same row opens again
         state.navigate("where", prompt=compute.last_user_turn(compute.record_prompt(prompt)),
                        prefill=response, gen=0)
-    st.caption("The example opens with its response as the prefill and no generation, so the "
+    st.caption("An example opens with its response as the prefill and no generation, so the "
                "trace is the one measured here.")

@@ -8,7 +8,6 @@ breaker (``adapters/<run>/`` of the folder).
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,7 @@ def _render_sources(folder: Path, stamp: float) -> None:
                    "within 2 points of the base, false fires <= 3 %, KL <= 0.05 nats/token.")
     elif target:
         st.warning("Target missed: " + "; ".join(target.get("missed", [])) + ".")
-    st.plotly_chart(result.figure(), key="gen_source_matrix")
+    state.chart(result.figure(), "gen_source_matrix", name="cbscope_cross_source")
     with st.expander("Benign cost of every run (XSTest safe answered, false fires, KL)"):
         st.code(result.table())
     st.subheader("A cell")
@@ -185,19 +184,30 @@ def _trace_pane(sel: state.Selection, result: GeneralisationResult, run: str,
     for column, title, text in ((left, "Base model (adapter off)", gtrace.text_orig),
                                 (right, f"Breaker {run} (adapter on)", gtrace.text_cb)):
         column.markdown(f"**{title}**")
-        shown = (f"<i>{html.escape(gtrace.prefill)}</i> " if gtrace.prefill else "")
-        column.markdown(f"<div style='border:1px solid #ddd;border-radius:6px;padding:8px;"
-                        f"white-space:pre-wrap'>{shown}{html.escape(text or '(empty)')}</div>",
-                        unsafe_allow_html=True)
+        column.html(state.plain_text(text, prefill=gtrace.prefill))
     if figs.point is not None:
         st.markdown(f"#### Breaker {run} {figs.point.describe()}")
     else:
         st.markdown(f"#### Breaker {run} "
                     f"{compute.no_fire_sentence(trace, figs.layers, sel.threshold)}")
-    st.plotly_chart(figs.lines, key="gen_trace_lines")
-    st.plotly_chart(figs.heatmap, key="gen_trace_heatmap")
+    state.chart(figs.lines, "gen_trace_lines", name="cbscope_cell_trace")
+    state.chart(figs.heatmap, "gen_trace_heatmap", name="cbscope_cell_heatmap")
     st.caption("Next: pick another example or cell above; the sidebar's threshold and layers "
                "apply here too.")
+
+
+def _clicked_cell(result: GeneralisationResult) -> None:
+    """A click on a matrix cell chooses its run, category and attack below (once per click)."""
+    points = [p for p in state.selected_points("gen_matrix") if p.get("customdata")]
+    if not points:
+        return
+    run, category, which = points[0]["customdata"][:3]
+    if not state.changed("gen_matrix", (run, category, which)):
+        return
+    if run in result.runs and category in result.categories:
+        st.session_state["gen_run"] = run
+        st.session_state["gen_category"] = category
+        st.session_state["gen_metric"] = f"{which}_asr"
 
 
 def render(sel: state.Selection) -> None:
@@ -218,12 +228,28 @@ def render(sel: state.Selection) -> None:
     if _kind(str(matrix_file), matrix_file.stat().st_mtime) == "sources":
         _render_sources(folder, matrix_file.stat().st_mtime)
         return
-    result = _load(str(folder), matrix_file.stat().st_mtime)
+    try:
+        result = _load(str(folder), matrix_file.stat().st_mtime)
+    except (KeyError, TypeError, ValueError) as err:
+        st.error(f"{matrix_file} is not a matrix `cbscope generalise` wrote (it lacks {err}): "
+                 "choose a folder written by `cbscope generalise`.")
+        return
+    if st.session_state.get("_gen_folder") != str(folder):  # a new folder: its own cell
+        for key in ("gen_run", "gen_category", "gen_metric", "gen_example", "gen_traced"):
+            st.session_state.pop(key, None)
+        st.session_state["_gen_folder"] = str(folder)
     _summary(result)
-    st.plotly_chart(result.figure(), key="gen_matrix")
+    state.chart(result.figure(), "gen_matrix", name="cbscope_generalisation", clickable=True)
     with st.expander("Exact match of every run against the base model (delta in points)"):
         st.dataframe(_em_table(result), hide_index=True)
-    st.info("Next: pick a cell below (a run and an evaluated category) to read its examples.")
+    if not any(result.rows.get(run) for run in result.runs):
+        st.info(f"This folder has only {compute.matrix_files(folder)}; per-example rows are in "
+                "runs written by `cbscope generalise` (its `rows/<run>.jsonl`). Run `cbscope "
+                "generalise --out DIR` to get a folder whose cells open their examples.")
+        return
+    _clicked_cell(result)
+    st.info("Next: click a cell of the matrix, or pick one below (a run and an evaluated "
+            "category), to read its examples.")
 
     st.subheader("A cell")
     col1, col2, col3 = st.columns(3)
@@ -232,6 +258,12 @@ def render(sel: state.Selection) -> None:
     category = col2.selectbox("Evaluated on", result.categories, key="gen_category")
     metrics = [m for m in compute.CELL_METRICS
                if any(r["metric"] == m for r in result.rows.get(run, []))]
+    if not metrics:
+        st.info(f"Run {result.run_label(run)} has no per-example rows in this folder: choose "
+                "another run.")
+        return
+    if st.session_state.get("gen_metric") not in metrics:
+        st.session_state["gen_metric"] = metrics[0]
     metric = col3.selectbox("Attack", metrics, key="gen_metric",
                             format_func=compute.CELL_METRICS.get)
     rows = compute.cell_rows(result, run, category, metric)

@@ -1,4 +1,4 @@
-"""View "Probe": a harmfulness probe's per-token scores beside the cosine trace."""
+"""View "Probe": a harmfulness probe's per-token scores under the cosine trace, one token axis."""
 
 from __future__ import annotations
 
@@ -82,9 +82,15 @@ def render(sel: state.Selection) -> None:
                   else "flags no response token")
     st.markdown(f"**Probe (layer {probe.layer}, {reads}):** {probe_text}.  \n"
                 f"**Breaker:** {breaker}.")
-    left, right = st.columns(2)
-    left.plotly_chart(plots.probe_scores_figure(trace.tokens[0], scores, probe.threshold),
-                      key="probe_scores")
-    right.plotly_chart(figs.lines, key="probe_fig6")
+    note = compute.probe_note(probe.threshold, probe.metrics.get("train_auc_token"))
+    if note:
+        st.warning(note)
+    window = state.window_control(len(trace.tokens[0]), "probe_window")
+    fig = plots.probe_trace_figure(trace, scores, probe.threshold, figs.layers, sel.threshold,
+                                   window=window)
+    state.chart(fig, "probe_trace", name="cbscope_probe_and_cosine")
+    st.caption("Top: the breaker's cosine; bottom: the probe's score, on one token axis. Flags "
+               "(×) mark response tokens above the probe's threshold: the request is never "
+               "flagged, as \"flags first\" reads the response only.")
     st.info("Next: change the probe layer, or try a benign look-alike request: a good breaker and "
             "a good probe both stay quiet on it. **Where does it fire?** shows the full trace.")

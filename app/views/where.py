@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
-import html
+from typing import Any
 
 import streamlit as st
+
+from cbscope import plots
 
 from .. import compute, state
 
 
-def _generation(column: st.delta_generator.DeltaGenerator, title: str, prefill: str,
-                text: str, gen: int) -> None:
+def _generation(column: Any, title: str, prefill: str, text: str, gen: int) -> None:
     column.markdown(f"**{title}**")
     if gen == 0:
         column.caption("No tokens generated (N = 0): the trace covers the prefill only.")
-    shown = (f"<i>{html.escape(prefill)}</i> " if prefill else "") + html.escape(text or "")
-    empty = "<span style='color:#999'>(empty)</span>"
-    column.markdown(
-        "<div style='border:1px solid #ddd;border-radius:6px;padding:8px;min-height:3em;"
-        f"white-space:pre-wrap'>{shown or empty}</div>",
-        unsafe_allow_html=True,
-    )
+    column.html(state.plain_text(text, prefill=prefill))
+
+
+def _clicked_cell(trace: Any) -> None:
+    """The heatmap cell the user clicked: its token, layer, cosine and norms, and the way to the
+    "Why does it fire?" view at that token."""
+    points = [p for p in state.selected_points("fig6_heatmap") if p.get("customdata")]
+    if not points:
+        st.caption("Click a heatmap cell to open that token here.")
+        return
+    label, cos, norm_o, norm_cb, layer, pos, _ = points[0]["customdata"]
+    start = trace.response_start[0]
+    where = (f"{pos - start} tokens after the response start" if pos >= start
+             else "in the request")
+    st.markdown(f"**Token {label}**, layer {layer} ({where}): cosine **{cos:.3f}**, norm "
+                f"{norm_o:.2f} (original) vs {norm_cb:.2f} (circuit-broken).")
+    if st.button(f"Why does the cosine move at this token (pos {pos})? →", key="where_cell_why"):
+        state.navigate("why", pos=int(pos))
 
 
 def render(sel: state.Selection) -> None:
@@ -37,7 +49,9 @@ def render(sel: state.Selection) -> None:
     request = state.request_form(sel, "where_form")
     gtrace = state.traced(sel, request)
     trace = gtrace.trace
-    figs = compute.where_figures(trace, sel.layers, sel.threshold)
+    n = len(trace.tokens[0])
+    window = state.window_control(n, "where_window")
+    figs = compute.where_figures(trace, sel.layers, sel.threshold, window=window)
     if len(trace.turn_starts[0]) > 1:
         st.caption(f"Multi-turn conversation: {len(trace.turn_starts[0])} turns, starting at "
                    f"token positions {', '.join(map(str, trace.turn_starts[0]))} (the dotted "
@@ -56,15 +70,19 @@ def render(sel: state.Selection) -> None:
                       "representation goes, for exactly these tokens."):
         state.navigate("why", pos=None)  # the new request starts at its own firing point
 
-    st.plotly_chart(figs.lines, key="fig6_lines")
+    state.chart(figs.lines, "fig6_lines", name="cbscope_figure6")
     st.caption("Next: hover a point for its token; change the plotted layers or the threshold in "
                "the sidebar; the heatmap below shows every layer.")
-    st.plotly_chart(figs.strip, key="fig6_strip")
-    st.plotly_chart(figs.heatmap, key="fig6_heatmap")
+    st.markdown("**The response, coloured by its lowest cosine**")
+    with_request = st.checkbox("Show the request's tokens too", key="where_request_text")
+    st.html(plots.token_html(trace, 0, figs.layers, include_request=with_request))
+    state.chart(figs.heatmap, "fig6_heatmap", name="cbscope_heatmap", clickable=True)
+    _clicked_cell(trace)
     with st.expander("Residual-stream norms (original solid, circuit-broken dashed)"):
-        st.plotly_chart(figs.norms, key="fig6_norms")
+        state.chart(figs.norms, "fig6_norms", name="cbscope_norms")
     st.download_button("Download the trace (CSV)", trace.to_dataframe().to_csv(index=False),
                        file_name="cbscope_trace.csv", mime="text/csv")
-    st.info("Next: **Dataset** shows how often the breaker fires over many requests and where; "
-            "**Probe** puts a harmfulness probe's per-token scores beside this trace. "
+    st.info("Next: **Compare** puts two breakers, or this request and its benign look-alike, on "
+            "one set of axes; **Dataset** shows how often the breaker fires over many requests; "
+            "**Probe** puts a harmfulness probe's per-token scores under this trace. "
             "The page's URL holds this view: copy it to share it.")

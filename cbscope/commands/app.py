@@ -189,6 +189,16 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def headless_hint(port: int, host: str = DEFAULT_HOST) -> str:
+    """How to reach the page from another machine when this one has no display."""
+    user = os.environ.get("USER") or "you"
+    here = socket.gethostname() or "this-machine"
+    if is_loopback(host):
+        return (f"no display here: on your own computer run  ssh -L {port}:localhost:{port} "
+                f"{user}@{here}  and open http://localhost:{port}")
+    return f"no display here: open http://{here}:{port} from your own computer"
+
+
 def launch(
     *,
     port: int = DEFAULT_PORT,
@@ -228,6 +238,8 @@ def launch(
                 fg=typer.colors.GREEN, bold=True)
     if browser or (browser is None and has_display()):
         threading.Thread(target=_open_when_up, args=(url,), daemon=True).start()
+    elif not has_display():
+        typer.echo(headless_hint(port, host))
     process = subprocess.Popen(command, env=env)
     if threading.current_thread() is threading.main_thread():  # SIGTERM stops Streamlit too
         signal.signal(signal.SIGTERM, _interrupt)

@@ -32,6 +32,10 @@ def trace(
         0.5, help="Cosine below which the breaker counts as fired (a number in [-1, 1])."
     ),
     out: Path = typer.Option(..., help="Output file: .html (figures), .json (trace), .csv."),
+    plotlyjs: str = typer.Option(
+        "beside", help="HTML only: 'beside' (load one shared plotly.js written next to the page), "
+        "'inline' (embed it: one self-contained file, 4.7 MB more) or 'cdn'."
+    ),
     device: str = typer.Option("cpu", help="Torch device."),
     threads: int = typer.Option(1, help="Torch threads."),
 ) -> None:
@@ -41,6 +45,7 @@ def trace(
     layers the firing point is looked for at (default: the Figure-6 layers, 5/10/20 of 32 scaled).
     """
     from cbscope.data import check_request_length, check_request_text, context_length
+    from cbscope.export import PLOTLYJS_MODES
     from cbscope.io import check_output_file
     from cbscope.layers import figure6_layers, parse_layers, validate_layers
     from cbscope.pair import load_pair
@@ -54,6 +59,9 @@ def trace(
         threshold = check_threshold(threshold, "--threshold")
         if generate < 0:
             raise ConfigError(f"--generate must be >= 0, got {generate}")
+        if plotlyjs not in PLOTLYJS_MODES:
+            raise ConfigError(f"--plotlyjs must be one of {', '.join(PLOTLYJS_MODES)}, "
+                              f"not {plotlyjs!r}")
         check_request_text(prompt, prefill or "")
         chosen = parse_layers(layers)
         if not adapter.is_dir():
@@ -105,13 +113,36 @@ def trace(
             cosine_heatmap(result_trace, 0),
             norm_lines(result_trace, 0, chosen),
         ]
-        save_html(figures, out, title=f"cbscope trace: {prompt[:60]}")
+        save_html(figures, out, title=f"cbscope trace: {prompt[:60]}", plotlyjs=plotlyjs,
+                  before=request_html(prompt, prefill or "", texts))
         written = out
     elif suffix == ".json":
         written = result_trace.save(out)
     else:
         written = atomic_write(out, lambda tmp: result_trace.to_dataframe().to_csv(tmp, index=False))
     typer.echo(f"wrote {written}")
+
+
+def request_html(prompt: str, prefill: str, texts: dict[str, str]) -> str:
+    """The request, the prefill and each model's generation as escaped plain text (the top of
+    the trace page)."""
+    import html
+
+    box = ("white-space:pre-wrap;font-family:monospace;border:1px solid #ddd;border-radius:6px;"
+           "padding:6px 8px;margin:4px 0 10px 0")
+
+    def block(title: str, text: str, cls: str) -> str:
+        return (f"<div><b>{html.escape(title)}</b><div class='{cls}' style='{box}'>"
+                f"{html.escape(text) or '<i>(empty)</i>'}</div></div>")
+
+    parts = [block("Request", prompt, "cbscope-request")]
+    if prefill:
+        parts.append(block("Prefill (forced)", prefill, "cbscope-prefill"))
+    for name, title in (("original", "Original model (adapter off) generates"),
+                        ("circuit-broken", "Circuit-broken model (adapter on) generates")):
+        if name in texts:
+            parts.append(block(title, texts[name], "cbscope-generation"))
+    return "<div style='font-family:sans-serif;max-width:1100px'>" + "".join(parts) + "</div>"
 
 
 def register(app: typer.Typer) -> None:

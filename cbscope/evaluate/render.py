@@ -6,6 +6,7 @@ escaped) with the figures' plotly JavaScript inline, so it works offline.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from markdown_it import MarkdownIt
@@ -273,23 +274,33 @@ def figures(report: ReportView) -> dict[str, go.Figure]:
     return figs
 
 
-def html(report: ReportView) -> str:
-    """A self-contained HTML page (plotly JavaScript inline, no network needed)."""
+def html(report: ReportView, *, plotlyjs: str = "inline", folder: Path | None = None) -> str:
+    """The report as an HTML page.
+
+    Args:
+        report: The report.
+        plotlyjs: ``"inline"`` (default: one self-contained page, plotly.js embedded once),
+            ``"beside"`` (load the shared ``plotly-<version>.min.js`` written into ``folder``,
+            so a folder of reports holds one copy) or ``"cdn"``
+            (:func:`cbscope.export.plotlyjs_tag`).
+        folder: Where the page is written (``"beside"`` only).
+    """
+    from cbscope.export import plotlyjs_tag
+
     body = _MARKDOWN.render(markdown(report))
     head, _, rest = body.partition("<h2>")
+    script = plotlyjs_tag(plotlyjs, folder)  # type: ignore[arg-type]
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>cbscope report</title>"
-        f"<style>{_CSS}</style></head><body>\n{head}\n<div class='figs'>{_figures_html(report)}"
-        f"</div>\n<h2>{rest}\n</body></html>\n"
+        f"<style>{_CSS}</style>{script}</head><body>\n{head}\n<div class='figs'>"
+        f"{_figures_html(report)}</div>\n<h2>{rest}\n</body></html>\n"
     )
 
 
 def _figures_html(report: ReportView) -> str:
     import plotly.io as pio
 
-    parts = []
-    for index, fig in enumerate(figures(report).values()):
-        parts.append(
-            pio.to_html(fig, include_plotlyjs=index == 0, full_html=False, default_width="100%")
-        )
-    return "\n".join(parts)
+    return "\n".join(
+        pio.to_html(fig, include_plotlyjs=False, full_html=False, default_width="100%")
+        for fig in figures(report).values()
+    )

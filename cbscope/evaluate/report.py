@@ -121,10 +121,12 @@ class Report:
             meta=data.get("meta", {}),
         )
 
-    def save(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    def save(self, out_dir: str | os.PathLike[str], *, plotlyjs: str = "beside") -> dict[str, Path]:
         """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir``.
 
-        Each file is written atomically (a failed save leaves the earlier file whole).
+        Each file is written atomically (a failed save leaves the earlier file whole). The HTML
+        loads the shared ``plotly-<version>.min.js`` written beside it (``plotlyjs="inline"``
+        embeds it instead; see :func:`cbscope.evaluate.render.html`).
 
         Raises:
             ConfigError: ``out_dir`` cannot hold the report (see :func:`check_report_dir`).
@@ -135,7 +137,7 @@ class Report:
         texts = {
             "json": json.dumps(self.to_dict(), indent=1, default=_json_default) + "\n",
             "md": self.markdown(),
-            "html": self.html(),
+            "html": render.html(self, plotlyjs=plotlyjs, folder=out),
         }
         for key, path in files.items():
             atomic_write_text(path, texts[key])
