@@ -196,3 +196,40 @@ def test_disk_store_is_reused_by_a_later_run(tiny_llama: Path, tmp_path: Path) -
 def test_bad_cache_options_are_config_errors(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         LorraConfig(**{field: value}).validate()
+
+
+def test_shipped_organism_steps_have_the_same_loss_and_gradients() -> None:
+    """The identity itself, on the shipped organism and its preset's data: from the same weights,
+    a cached step's losses and LoRA gradients are the uncached step's within float tolerance, at
+    steps across the whole plan (first epoch and later ones). Training then amplifies these
+    last-bit differences step by step, as a changed thread count does (docs/training.md)."""
+    from cbscope.lorra.data import EncodedData, make_plan
+    from cbscope.lorra.frozen import FrozenReps
+    from cbscope.lorra.loop import StepSetup, _frozen_batch, _step_terms, assemble_data, prepare_pair
+    from cbscope.lorra.presets import ORGANISM_CONFIG, organism_data
+
+    config = ORGANISM_CONFIG
+    pair = prepare_pair("organism", config)
+    data = assemble_data(pair, config, organism_data(pair, show_progress=False), None)
+    encoded = EncodedData(data, pair.tokenizer, config)
+    plan = make_plan(len(encoded.cb), encoded.sizes(), config)
+    setup = StepSetup.of(config, pair.n_layers)
+    reps = FrozenReps(FrozenCache(), pair, setup.targets, setup.retain_layers)
+    exact = 0
+    steps = (0, 1, 100, 200, 249)
+    for step in steps:
+        batch = encoded.batch(plan[step])
+        results = []
+        for frozen in (None, _frozen_batch(reps, encoded, plan[step], batch)):
+            torch.manual_seed(step)  # the same LoRA dropout masks
+            terms = _step_terms(pair, config, batch, step, setup, frozen)
+            loss = terms["c_s"] * terms["cb_loss"] + terms["c_r"] * terms["retain_loss"]
+            params = pair.lora_parameters()
+            grads = torch.autograd.grad(loss, params)
+            pair.set_training(False)
+            results.append((loss.detach(), torch.cat([g.flatten() for g in grads])))
+        (loss_a, grad_a), (loss_b, grad_b) = results
+        assert float(loss_b) == pytest.approx(float(loss_a), rel=LOSS_RTOL), step
+        assert float((grad_a - grad_b).norm() / grad_a.norm()) <= 1e-5, step
+        exact += bool(torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b))
+    assert exact >= 1  # bit-exact where the padded batch's arithmetic equals the per-example one
