@@ -203,8 +203,31 @@ def frozen_differences() -> dict[str, Any]:
                 exact += bool(torch.equal(a, b))
                 worst_abs = max(worst_abs, float(diff.max()))
                 worst_rel = max(worst_rel, float((diff.norm(dim=-1) / a.norm(dim=-1)).max()))
+    # step time, uncached and cached interleaved on the same batches (robust to the machine's load
+    # drifting between two whole runs), every 5th step of the plan
+    optimizer = torch.optim.AdamW(pair.lora_parameters(), lr=config.lr)
+    times: dict[str, list[float]] = {"uncached": [], "cached": []}
+    for step in range(0, len(plan), 5):
+        batch = encoded.batch(plan[step])
+        for name in ("uncached", "cached"):
+            tick = time.perf_counter()
+            frozen = _frozen_batch(reps, encoded, plan[step], batch) if name == "cached" else None
+            _train_step(pair, config, batch, step, setup, optimizer, frozen=frozen)
+            times[name].append(time.perf_counter() - tick)
+    fill = FrozenReps(FrozenCache(), pair, setup.targets, setup.retain_layers)
+    tick = time.perf_counter()
+    fill.fill([(ex, CB) for entry in plan for ex in encoded.rows(entry)[0]]
+              + [(ex, RETAIN) for entry in plan for ex in encoded.rows(entry)[1]])
+    fill_seconds = time.perf_counter() - tick
+    median = {name: statistics.median(values) for name, values in times.items()}
     return {"rows": rows, "rows_bit_identical": exact, "max_abs_difference": worst_abs,
-            "max_relative_difference": worst_rel}
+            "max_relative_difference": worst_rel,
+            "interleaved_steps": len(times["cached"]),
+            "median_step_seconds": median,
+            "cached_step_ratio": median["cached"] / median["uncached"],
+            "fill_seconds_whole_plan": fill_seconds,
+            "projected_step_time_drop": 1 - (fill_seconds + len(plan) * median["cached"])
+            / (len(plan) * median["uncached"])}
 
 
 def organism_runs(threads: int, out: Path, steps: int | None = None) -> dict[str, Any]:
