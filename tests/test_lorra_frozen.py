@@ -205,7 +205,13 @@ def test_shipped_organism_steps_have_the_same_loss_and_gradients() -> None:
     last-bit differences step by step, as a changed thread count does (docs/training.md)."""
     from cbscope.lorra.data import EncodedData, make_plan
     from cbscope.lorra.frozen import FrozenReps
-    from cbscope.lorra.loop import StepSetup, _frozen_batch, _step_terms, assemble_data, prepare_pair
+    from cbscope.lorra.loop import (
+        StepSetup,
+        _frozen_batch,
+        _step_terms,
+        assemble_data,
+        prepare_pair,
+    )
     from cbscope.lorra.presets import ORGANISM_CONFIG, organism_data
 
     config = ORGANISM_CONFIG
