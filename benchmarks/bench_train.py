@@ -32,6 +32,7 @@ Usage::
         --target-layers 10,20 --batch-size 4 --max-length 128 --threads 1 --out bench_train.json
     python benchmarks/bench_train.py --quick      # a tiny random Llama, seconds
     python benchmarks/bench_train.py --organism --threads 1 --out organism.json
+    python benchmarks/bench_train.py --generalise bio,chem --threads 1 --out generalise.json
 """
 
 from __future__ import annotations
@@ -279,6 +280,31 @@ def organism_runs(threads: int, out: Path, steps: int | None = None) -> dict[str
     return result
 
 
+def generalise_runs(threads: int, out: Path, categories: list[str] | None) -> dict[str, Any]:
+    """``cbscope generalise`` on the organism (leave-one-out, the preset's config) without and
+    with the shared frozen cache: wall time, training time and each run's cache counts."""
+    from cbscope.generalise import generalisation_matrix
+    from cbscope.lorra.presets import ORGANISM_CONFIG
+
+    torch.set_num_threads(threads)
+    result: dict[str, Any] = {"threads": threads, "categories": categories}
+    for name, cached in (("uncached", False), ("cached", True)):
+        config = LorraConfig.from_dict({**ORGANISM_CONFIG.to_dict(), "cache_frozen": cached})
+        tick = time.perf_counter()
+        matrix = generalisation_matrix("organism", config=config, categories=categories,
+                                       save_adapters=False, show_progress=False)
+        result[name] = {
+            "seconds": time.perf_counter() - tick,
+            "train_seconds": sum(m["train_seconds"] for m in matrix.metrics.values()),
+            "frozen_cache": {run: m.get("frozen_cache") for run, m in matrix.metrics.items()},
+        }
+    result["wall_time_drop"] = 1 - result["cached"]["seconds"] / result["uncached"]["seconds"]
+    result["train_time_drop"] = 1 - result["cached"]["train_seconds"] / result["uncached"]["train_seconds"]
+    print(json.dumps(result, indent=2))
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -292,8 +318,15 @@ def main() -> None:
     parser.add_argument("--organism", action="store_true",
                         help="Train the organism preset without and with the frozen cache instead.")
     parser.add_argument("--organism-steps", type=int, default=None, help="Steps of --organism (default: the preset's).")
+    parser.add_argument("--generalise", default=None, metavar="CATEGORIES",
+                        help="Run cbscope generalise on the organism for these comma-separated "
+                        "categories ('all': every one) without and with the cache instead.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.generalise:
+        generalise_runs(args.threads, args.out,
+                        None if args.generalise == "all" else args.generalise.split(","))
+        return
     if args.organism:
         organism_runs(args.threads, args.out, args.organism_steps)
         return
