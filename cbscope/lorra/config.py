@@ -175,7 +175,9 @@ class LorraConfig:
             (cbscope.lorra.frozen). On when the cache fits cache_budget_gb, else off with one
             log line saying what it would need. The cached values come from a forward of each
             example at its own length, which differs from the batched one in the last float
-            bits, so a cached run matches an uncached one closely, not bit for bit.
+            bits; a step's losses and gradients agree within float tolerance, but a long run
+            amplifies the difference (docs/training.md), so the shipped organism breaker is
+            reproduced with it off.
         cache_budget_gb: The largest frozen-representation cache a run may build, in GiB (the
             run's own entries, plus what a shared cache already holds).
         cache_store: Where the cache lives: "memory" (on the training device, for this

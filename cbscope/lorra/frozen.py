@@ -14,8 +14,11 @@ not depend on which examples were computed with it, or when (BLAS picks another 
 product of a few rows; rows of one length are computed independently otherwise). So a resumed run
 that rebuilds the cache, a later run that reads it from disk, and the runs of ``cbscope
 generalise`` that share one cache all read the same numbers. They are not bit-identical to the
-batched frozen forward of an uncached run: attention's float sums depend on the padded width of
-the batch (measured on the organism: at most 1.7e-6 absolute, 4.8e-7 of the largest value).
+batched frozen forward of an uncached run, whose float sums depend on the padded width of the
+batch. On the CPU (torch 2.13, one thread) the two agree bit for bit when the padded width and the
+example's length are on the same side of 32 tokens. Over the organism preset's plan, 4381 of 8000
+rows agreed; the rest differed by at most 1.9e-6 absolute, 1.0e-6 of the token's norm
+(``benchmarks/bench_train.py --organism``; docs/training.md).
 
 **Keys.** A cache is bound to a model: the sha256 of the base weights' safetensors files (each
 hashed once, then remembered by size and modification time in ``cache_dir()/frozen/``), the
@@ -45,14 +48,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cbscope.lorra.config import CACHE_FILLS, CACHE_STORES
+from cbscope.lorra.config import CACHE_STORES, ConfigError
 
 logger = logging.getLogger(__name__)
 
 #: Token rows below which a matrix product may take another BLAS kernel (seen below 16 rows).
 MIN_TOKENS = 32
 STORES = CACHE_STORES
-FILLS = CACHE_FILLS
 FROZEN_DIR = "frozen"
 DIGESTS_FILE = "digests.json"
 #: Bumped when the canonical forward changes (part of every model key).
@@ -239,7 +241,7 @@ class FrozenCache:
 
     def __init__(self, store: str = "memory", *, folder: str | os.PathLike[str] | None = None) -> None:
         if store not in STORES:
-            raise ValueError(f"store must be one of {STORES}, not {store!r}")
+            raise ConfigError(f"store must be one of {STORES}, not {store!r}")
         self.store_kind = store
         self.root = Path(folder) if folder is not None else None
         self.key: str | None = None
