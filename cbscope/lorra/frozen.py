@@ -347,9 +347,12 @@ class FrozenReps:
         size = self.pair.d_model * torch.empty((), dtype=self.dtype).element_size()
         return sum(len(ex.ids) * len(self.layers[role]) * size for ex, role in items)
 
-    def fill(self, rows: Iterable[tuple[Any, str]], *, show_progress: bool = False) -> int:
-        """Compute the entries of ``rows`` the cache lacks (canonical forward); returns how many."""
-        missing = [(k, ex, role) for k, (ex, role) in self.unique(rows).items() if k not in self.cache]
+    def fill(self, rows: Iterable[tuple[Any, str]], *, show_progress: bool = False,
+             force: bool = False) -> int:
+        """Compute the entries of ``rows`` the cache lacks (all of them with ``force``; the
+        canonical forward); returns how many."""
+        missing = [(k, ex, role) for k, (ex, role) in self.unique(rows).items()
+                   if force or k not in self.cache]
         if not missing:
             return 0
         by_length: dict[int, list[tuple[str, Any, str]]] = {}
@@ -391,8 +394,10 @@ class FrozenReps:
                                dtype=self.dtype, device=device)
             for row, example in enumerate(examples):
                 value = self.cache.get(self.key(example, role), device)
-                if value is None:  # a disk entry removed meanwhile
-                    self.fill([(example, role)])
+                shape = (len(self.layers[role]), len(example.ids), self.pair.d_model)
+                if value is None or tuple(value.shape) != shape or value.dtype != self.dtype:
+                    # a disk entry removed or damaged meanwhile: compute it again
+                    self.fill([(example, role)], force=True)
                     value = self.cache.get(self.key(example, role), device)
                 block[:, row, : value.shape[1]] = value
             out.append(block)
