@@ -48,10 +48,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import floor_step, layer_index, make_batch, official_step, peft_forward  # noqa: E402
+from bench_train import floor_step, layer_index, make_rows, official_step, peft_forward  # noqa: E402
 
 from cbscope.layers import default_target_layers  # noqa: E402
 from cbscope.lorra import LorraConfig  # noqa: E402
+from cbscope.lorra.data import collate  # noqa: E402
+from cbscope.lorra.frozen import CB, RETAIN, FrozenCache, FrozenReps  # noqa: E402
 from cbscope.lorra.trainer import StepSetup, _train_step, prepare_pair  # noqa: E402
 
 logger = logging.getLogger("bench_gpu")
@@ -145,7 +147,8 @@ def run_setting(
     retain_layers = config.resolved_retain_layers(pair.n_layers)
     layers = sorted(set(targets) | set(retain_layers))
     t_idx, r_idx = layer_index(layers, targets), layer_index(layers, retain_layers)
-    batch = make_batch(pair.model.config.vocab_size, batch_size, max_length)
+    rows = make_rows(pair.model.config.vocab_size, batch_size, max_length)
+    batch = collate(rows[:batch_size], rows[batch_size:], pad_id=0)
     batch = replace(
         batch,
         input_ids=batch.input_ids.to(device),
@@ -162,6 +165,18 @@ def run_setting(
         row = _train_step(pair, config, batch, step, StepSetup(targets, retain_layers), optimizer)
         losses.append(float(row["loss"]))
 
+    frozen_reps: list[FrozenReps] = []
+
+    def cbscope_cached(step: int) -> None:
+        """cbscope's step with the frozen representations from the cache (filled at the first
+        call, a warm-up step: the timed steps are those of a run that has seen each example)."""
+        if not frozen_reps:
+            reps = FrozenReps(FrozenCache(), pair, targets, retain_layers)
+            reps.fill([(ex, CB) for ex in rows[:batch_size]] + [(ex, RETAIN) for ex in rows[batch_size:]])
+            frozen_reps.append(reps)
+        frozen = frozen_reps[0].batch(rows[:batch_size], rows[batch_size:], batch.input_ids.shape[1])
+        _train_step(pair, config, batch, step, StepSetup(targets, retain_layers), optimizer, frozen=frozen)
+
     def official(step: int) -> None:
         base.layers = full_layers[: max(targets) + 1]
         pair.model.config.num_hidden_layers = max(targets) + 1
@@ -174,6 +189,7 @@ def run_setting(
     table: dict[str, Callable[[int], None]] = {
         "cbscope": cbscope_step,
         "cbscope_gc": cbscope_step,
+        "cbscope_cached": cbscope_cached,
         "official": official,
         "floor": lambda s: floor_step(pair, config, batch, s, layers, t_idx, r_idx, optimizer),
     }
@@ -216,6 +232,12 @@ def run_setting(
             out["memory_ratio_vs_official"] = (
                 out["cbscope"]["peak_gib"] / out["official"]["peak_gib"]
             )
+    if "cbscope_cached" in ok and "official" in ok:
+        out["cached_speedup_vs_official"] = out["official"]["median_s"] / out["cbscope_cached"]["median_s"]
+    if "cbscope_cached" in ok and "floor" in ok:
+        out["cached_ratio_to_floor"] = out["cbscope_cached"]["median_s"] / out["floor"]["median_s"]
+    if frozen_reps:
+        out["cache_bytes"] = frozen_reps[0].cache.nbytes
     out["cbscope_losses"] = losses
     out["cbscope_losses_finite"] = bool(losses) and all(math.isfinite(x) for x in losses)
     return out
@@ -237,7 +259,7 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=8, help="Timed steps per method and setting.")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--methods", default="cbscope,cbscope_gc,official,floor")
+    parser.add_argument("--methods", default="cbscope,cbscope_gc,cbscope_cached,official,floor")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--model-dir", type=Path, default=None, help="Where to save the random model."

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 8): cbscope's LoRRA step against the official-style loop on a
 # random-initialised ~0.85B Llama in bf16 (step time, peak torch.cuda.max_memory_allocated), plus
-# a correctness check (every cbscope step's loss is finite). About 1 minute on an H200 (49 s of
+# a correctness check (every cbscope step's loss is finite), and the cached row (issue 20: the
+# frozen representations read from cbscope.lorra.frozen's cache, filled in the warm-up). About 1 minute on an H200 (49 s of
 # script, plus the machine's start); results in $OUT (bench_gpu.json, bench_gpu.log, env.txt).
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # on the GPU machine, from the repo root

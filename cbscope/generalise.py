@@ -449,6 +449,7 @@ def generalisation_matrix(
         GeneraliseError: Unknown mode or category, or a model without ``world.json``.
     """
     from cbscope.lorra.config import LorraConfig
+    from cbscope.lorra.frozen import FrozenCache
     from cbscope.lorra.loop import prepare_pair
     from cbscope.lorra.presets import ORGANISM_CONFIG, data_option_names, organism_data
     from cbscope.models import resolve_model
@@ -480,6 +481,8 @@ def generalisation_matrix(
     runs: list[str] = []
     trained_on: dict[str, list[str]] = {}
     metrics: dict[str, dict[str, Any]] = {}
+    # one cache for every run: the runs share most of their examples and the frozen model
+    frozen_cache = FrozenCache(config.cache_store) if config.cache_frozen else None
     bar = tqdm(chosen, desc="generalise", disable=not show_progress)
     for index, category in enumerate(bar):
         run = run_name(mode, category)
@@ -495,6 +498,7 @@ def generalisation_matrix(
             RunConfig(preset="organism", lorra=config, data_options={**selection, **options},
                       device=device, progress=False),
             model=model,
+            frozen_cache=frozen_cache,
         ).run()
         data_info = trained_run.info
         train_seconds = time.perf_counter() - tick
@@ -512,6 +516,8 @@ def generalisation_matrix(
             "delta_vs_base": {m: behaviour[m] - base[m] for m in EM_METRICS},
             "final": {k: v for k, v in trained_run.final.items() if isinstance(v, (int, float))},
             "train_seconds": train_seconds,
+            "frozen_cache": {k: v for k, v in data_info.get("frozen_cache", {}).items()
+                             if k in ("used", "entries", "reused", "computed", "bytes")},
             "eval_seconds": time.perf_counter() - tick,
         }
         if out is not None and save_adapters:

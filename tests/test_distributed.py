@@ -133,6 +133,8 @@ def test_two_processes_match_one_and_resume(tiny_organism: Path, tmp_path: Path)
 
     info = json.loads((two / "train_info.json").read_text())
     assert info["processes"] == 2  # really ran distributed
+    assert info["frozen_cache"]["used"]  # each rank read its shard's frozen representations from its cache
+    assert json.loads((one / "train_info.json").read_text())["frozen_cache"]["used"]
     assert "processes" not in json.loads((one / "train_info.json").read_text())
     a, b = load_file(str(one / ADAPTER)), load_file(str(two / ADAPTER))
     assert a.keys() == b.keys()

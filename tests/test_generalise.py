@@ -94,6 +94,16 @@ def test_leave_one_out_cells_equal_the_saved_rows(loo: GeneralisationResult, tin
     assert s["target"]["met"] == (not s["target"]["missed"])
 
 
+def test_runs_share_one_frozen_cache(loo: GeneralisationResult) -> None:
+    """The second run reads the frozen representations of the examples both runs train on (the
+    retain set, mostly) from the first run's cache instead of computing them again."""
+    first, second = (loo.metrics[run]["frozen_cache"] for run in loo.runs)
+    assert first["used"] and second["used"]
+    assert first["reused"] == 0 and first["computed"] == first["entries"]
+    assert 0 < second["reused"] < second["entries"]
+    assert second["computed"] == second["entries"] - second["reused"]
+
+
 def test_files_adapters_reload_and_table(loo: GeneralisationResult) -> None:
     folder = loo.out_dir
     assert folder is not None

@@ -47,8 +47,10 @@ CHECKPOINT_FORMAT = 1
 KEEP_GOOD = 2
 #: A loss above this many times the first step's loss (or 1, if that is smaller) has exploded.
 EXPLOSION_FACTOR = 1e4
-#: Config fields a resumed run may change. They do not change the numbers.
-RESUME_IGNORES = ("log_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
+#: Config fields a resumed run may change. They do not change the numbers (gradient
+#: checkpointing and the frozen cache up to float error).
+RESUME_IGNORES = ("log_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing",
+                  "cache_frozen", "cache_budget_gb", "cache_store", "cache_fill")
 UNCONFIRMED, GOOD, BAD = "unconfirmed", "good", "bad"
 _NAME = re.compile(r"^step-(\d+)\.json$")
 

@@ -24,6 +24,8 @@ from cbscope.models import DTYPES
 CONFIG_FILE = "lorra_config.json"
 TOKEN_MASKS = ("full", "response", "request", "content")
 RETAIN_SOURCES = ("benign", "refusal", "lookalike")
+CACHE_STORES = ("memory", "disk")
+CACHE_FILLS = ("upfront", "lazy")
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -167,6 +169,22 @@ class LorraConfig:
             copy of the model): much less activation memory for about one extra forward of
             compute; the gradients are the same up to float error. Does not change the math, so
             a checkpoint made with it off can be resumed with it on.
+        cache_frozen: Compute the frozen model's representations of each example once (the
+            target layers of circuit-breaker examples, the retain layers of retain examples, in
+            the model dtype) and reuse them at every step, instead of a frozen forward per step
+            (cbscope.lorra.frozen). On when the cache fits cache_budget_gb, else off with one
+            log line saying what it would need. The cached values come from a forward of each
+            example at its own length, which differs from the batched one in the last float
+            bits; a step's losses and gradients agree within float tolerance, but a long run
+            amplifies the difference (docs/training.md), so the shipped organism breaker is
+            reproduced with it off.
+        cache_budget_gb: The largest frozen-representation cache a run may build, in GiB (the
+            run's own entries, plus what a shared cache already holds).
+        cache_store: Where the cache lives: "memory" (on the training device, for this
+            process) or "disk" (safetensors files under cache_dir()/frozen/, memory-mapped;
+            reused by a resumed run and by later runs on the same model).
+        cache_fill: "upfront" (every example of the run before the first step, with a progress
+            bar) or "lazy" (each example at the first step that uses it).
     """
 
     target_layers: list[int] | None = None
@@ -202,6 +220,10 @@ class LorraConfig:
     keep_checkpoints: bool = False
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    cache_frozen: bool = True
+    cache_budget_gb: float = 4.0
+    cache_store: str = "memory"
+    cache_fill: str = "upfront"
 
     def validate(self) -> LorraConfig:
         """Check value ranges and choices; returns ``self``.
@@ -239,6 +261,11 @@ class LorraConfig:
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.val_size >= 0, "val_size must be >= 0"),
+            (self.cache_budget_gb >= 0, f"cache_budget_gb must be >= 0, not {self.cache_budget_gb}"),
+            (self.cache_store in CACHE_STORES,
+             f"cache_store must be one of {CACHE_STORES}, not {self.cache_store!r}"),
+            (self.cache_fill in CACHE_FILLS,
+             f"cache_fill must be one of {CACHE_FILLS}, not {self.cache_fill!r}"),
             (
                 self.dtype == "auto" or str(self.dtype).lower() in DTYPES,
                 f"dtype must be 'auto' or one of {sorted(DTYPES)}, not {self.dtype!r}",

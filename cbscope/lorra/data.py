@@ -564,13 +564,18 @@ class EncodedData:
         """Examples per retain source."""
         return {name: len(rows) for name, rows in self.retain.items()}
 
-    def batch(self, entry: Mapping[str, Any]) -> Batch:
-        """The batch of one plan entry."""
+    def rows(self, entry: Mapping[str, Any]) -> tuple[list[EncodedExample], list[EncodedExample]]:
+        """The circuit-breaker rows (request-dropped ones as dropped) and retain rows of one
+        plan entry, in batch order."""
         cb = [
             self.cb_dropped[i] if drop else self.cb[i]  # type: ignore[misc]
             for i, drop in zip(entry["cb"], entry["drop"], strict=True)
         ]
-        retain = [self.retain[source][index] for source, index in entry["retain"]]
+        return cb, [self.retain[source][index] for source, index in entry["retain"]]
+
+    def batch(self, entry: Mapping[str, Any]) -> Batch:
+        """The batch of one plan entry."""
+        cb, retain = self.rows(entry)
         masks = self.config.retain_masks()
         return collate(
             cb, retain, self.pad_id,

@@ -81,6 +81,7 @@ from cbscope.lorra.distributed import (
     shard_entry,
     shard_scale,
 )
+from cbscope.lorra.frozen import CB, RETAIN, FrozenBatch, FrozenCache, FrozenReps
 from cbscope.lorra.outputs import METRICS_FILE, write_metrics
 
 logger = logging.getLogger(__name__)
@@ -401,6 +402,7 @@ def train_loop(
     stop_after: int | None = None,
     show_progress: bool = True,
     advice_flags: str = "",
+    frozen_cache: FrozenCache | None = None,
 ) -> TrainResult:
     """Train ``pair``'s LoRA adapter on ``data`` (the loop itself; :class:`cbscope.run.Runner`
     prepares the pair, the data and the folders, and publishes the outputs).
@@ -415,6 +417,9 @@ def train_loop(
         stop_after: Stop (with a checkpoint) after this many steps *in this call*.
         show_progress: tqdm bar (rank 0 only in a multi-process run).
         advice_flags: Command-line flags the loss guard's advice repeats (e.g. ``" --overwrite"``).
+        frozen_cache: The cache of frozen representations to use (and fill) when
+            ``config.cache_frozen`` is on; ``None``: a new one (``config.cache_store``). Runs that
+            share one reuse each other's entries (``cbscope generalise``).
 
     Raises:
         NonFiniteLossError: The loss was NaN, infinite or exploded; the step did not run. A
@@ -465,12 +470,14 @@ def train_loop(
     if ctx is not None:
         ctx.agree(start, "the step to start from (do all processes see the same --out?)")
         ctx.broadcast_params(pair.lora_parameters())  # as DDP does; they are equal already
+    total = config.steps
+    end = total if stop_after is None else min(total, start + stop_after)
+    frozen_reps = _frozen_setup(pair, config, encoded, plan, setup, frozen_cache, ctx, info,
+                                start, end, show_progress and main)
     if start == 0:
         # one dropout stream per process; rank 0 (and a single process) use the seed itself
         torch.manual_seed(config.seed + (ctx.rank if ctx is not None else 0))
 
-    total = config.steps
-    end = total if stop_after is None else min(total, start + stop_after)
     limit = loss_limit(state["reference_loss"])
     bar = tqdm(
         range(start, end),
@@ -483,12 +490,14 @@ def train_loop(
         tick = time.perf_counter()
         try:
             if ctx is None:
-                row = _train_step(pair, config, encoded.batch(plan[step]), step, setup, optimizer,
-                                  limit)
+                batch = encoded.batch(plan[step])
+                frozen = _frozen_batch(frozen_reps, encoded, plan[step], batch)
+                row = _train_step(pair, config, batch, step, setup, optimizer, limit, frozen)
             else:
                 try:
                     row = _sharded_optimiser_step(
-                        pair, config, encoded, plan[step], step, setup, optimizer, ctx, limit
+                        pair, config, encoded, plan[step], step, setup, optimizer, ctx, limit,
+                        frozen_reps,
                     )
                 finally:
                     pair.set_training(False)  # after backward, as in _train_step
@@ -531,12 +540,91 @@ def train_loop(
     bar.close()
     pair.bridge.eval()
     pair.peft_model.eval()
+    if frozen_reps is not None:
+        info["frozen_cache"].update(computed=frozen_reps.computed)
     result.steps_done = max(result.steps_done, start)
     result.seconds = time.perf_counter() - started
     info["summary"] = {"steps": result.steps_done, "seconds": round(result.seconds, 2),
                        "resumed_from": result.resumed_from,
                        "final": {k: v for k, v in result.final.items() if isinstance(v, (int, float))}}
     return result
+
+
+def _plan_rows(encoded: EncodedData, plan: Sequence[Mapping[str, Any]],
+               ctx: DistContext | None) -> list[tuple[Any, str]]:
+    """``(example, role)`` of every row the steps of ``plan`` give this process."""
+    rows: list[tuple[Any, str]] = []
+    for entry in plan:
+        part = shard_entry(entry, ctx.rank, ctx.world_size) if ctx is not None else entry
+        cb, retain = encoded.rows(part)
+        rows += [(ex, CB) for ex in cb] + [(ex, RETAIN) for ex in retain]
+    return rows
+
+
+def _frozen_setup(
+    pair: Any,
+    config: LorraConfig,
+    encoded: EncodedData,
+    plan: Sequence[Mapping[str, Any]],
+    setup: StepSetup,
+    cache: FrozenCache | None,
+    ctx: DistContext | None,
+    info: dict[str, Any],
+    start: int,
+    end: int,
+    show_progress: bool,
+) -> FrozenReps | None:
+    """The run's cache of frozen representations, or ``None`` (off, or over the budget).
+
+    The estimate covers every row of the whole plan on this process (each process caches its
+    own shard), so an interrupted and a resumed run decide alike; in a multi-process run all
+    processes follow the largest estimate. ``upfront`` computes the entries of steps
+    ``start .. end`` now (a progress bar), ``lazy`` at the first step that needs each.
+    """
+    if not config.cache_frozen:
+        info["frozen_cache"] = {"used": False, "why": "cache_frozen is off"}
+        return None
+    tick = time.perf_counter()
+    cache = cache if cache is not None else FrozenCache(config.cache_store)
+    reps = FrozenReps(cache, pair, setup.targets, setup.retain_layers,
+                      chunk_tokens=2 * config.batch_size * max(config.max_length,
+                                                                config.cb_max_length or 0))
+    entries = reps.unique(_plan_rows(encoded, plan, ctx))
+    need = reps.nbytes(entries.values())
+    held = 0 if cache.store_kind == "disk" else cache.nbytes - reps.nbytes(
+        item for key, item in entries.items() if key in cache)  # other runs' entries
+    total = need + held
+    if ctx is not None:
+        total = max(int(t) for t in ctx.all_gather(torch.tensor([total], dtype=torch.long)))
+    budget = int(config.cache_budget_gb * 2**30)
+    facts = {"store": cache.store_kind, "fill": config.cache_fill, "entries": len(entries),
+             "bytes": need, "budget_gb": config.cache_budget_gb, "model_key": reps.model_key}
+    if total > budget:
+        why = (f"frozen-representation cache off: it would need {total / 2**30:.2f} GiB "
+               f"({len(entries)} examples at {len(setup.targets)} target / "
+               f"{len(setup.retain_layers)} retain layers, {reps.dtype}"
+               f"{', with what the shared cache holds' if held else ''}), over the budget of "
+               f"{config.cache_budget_gb:g} GiB; raise --cache-budget-gb to use it")
+        logger.warning(why)
+        info["frozen_cache"] = {**facts, "used": False, "why": why}
+        return None
+    reused = sum(1 for key in entries if key in cache)
+    if config.cache_fill == "upfront":
+        reps.fill(_plan_rows(encoded, plan[start:end], ctx), show_progress=show_progress)
+    info["frozen_cache"] = {**facts, "used": True, "reused": reused,
+                            "setup_seconds": round(time.perf_counter() - tick, 3)}
+    logger.info("frozen-representation cache: %d examples, %.1f MiB (%s, %s fill; %d found)",
+                len(entries), need / 2**20, cache.store_kind, config.cache_fill, reused)
+    return reps
+
+
+def _frozen_batch(reps: FrozenReps | None, encoded: EncodedData, entry: Mapping[str, Any],
+                  batch: Any) -> FrozenBatch | None:
+    """The cached frozen representations of one plan entry's batch (``None`` without a cache)."""
+    if reps is None:
+        return None
+    cb, retain = encoded.rows(entry)
+    return reps.batch(cb, retain, batch.input_ids.shape[1])
 
 
 def _rank_rng_states(ctx: DistContext) -> dict[str, Tensor]:
@@ -571,14 +659,16 @@ def _train_step(
     setup: StepSetup,
     optimizer: torch.optim.Optimizer,
     limit: float = math.inf,
+    frozen: FrozenBatch | None = None,
 ) -> dict[str, Any]:
-    """One optimiser step; returns its metrics.
+    """One optimiser step; returns its metrics (``frozen``: the step's cached frozen
+    representations, see :func:`_step_terms`).
 
     Raises:
         NonFiniteLossError: The loss is not finite or above ``limit`` (the step does not run).
     """
     try:
-        t = _step_terms(pair, config, batch, step, setup)
+        t = _step_terms(pair, config, batch, step, setup, frozen)
         cb_orig, cb_broken = t["cb_orig"], t["cb_broken"]
         cb_mask, retain_mask, c_s, c_r = t["cb_mask"], t["retain_mask"], t["c_s"], t["c_r"]
         cb_loss, retain_loss = t["cb_loss"], t["retain_loss"]
@@ -652,12 +742,14 @@ def _step_terms(
     batch: Any,
     step: int,
     setup: StepSetup,
+    frozen: FrozenBatch | None = None,
 ) -> dict[str, Any]:
     """The frozen and adapted forwards of a step and its two loss terms (not yet combined).
 
-    Leaves the bridge in training mode: with gradient checkpointing the backward pass replays the
-    adapted forward of each block, which must run with the same (LoRA dropout) mode; the caller
-    switches back to ``eval()`` after ``backward``.
+    With ``frozen`` (the step's cached frozen representations, :mod:`cbscope.lorra.frozen`) the
+    frozen forward is skipped. Leaves the bridge in training mode: with gradient checkpointing
+    the backward pass replays the adapted forward of each block, which must run with the same
+    (LoRA dropout) mode; the caller switches back to ``eval()`` after ``backward``.
     """
     device = pair.device
     ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
@@ -666,12 +758,15 @@ def _step_terms(
     layers = setup.layers
     t_pos, r_pos = setup.positions(setup.targets), setup.positions(setup.retain_layers)
     pair.set_training(False)
-    with pair.original(), torch.no_grad():
-        orig = pair.resid_layers(ids, attention, layers)
+    if frozen is None:
+        with pair.original(), torch.no_grad():
+            orig = pair.resid_layers(ids, attention, layers)
+        cb_orig = torch.stack([orig[i][:n] for i in t_pos])
+        retain_orig = torch.stack([orig[i][n:] for i in r_pos])
+    else:
+        cb_orig, retain_orig = frozen.cb, frozen.retain
     pair.set_training(True)
     broken = pair.resid_layers(ids, attention, layers)
-    cb_orig = torch.stack([orig[i][:n] for i in t_pos])
-    retain_orig = torch.stack([orig[i][n:] for i in r_pos])
     cb_broken, retain_broken = _RowBlocks.apply(n, t_pos, r_pos, *broken)
     c_s, c_r = losses.schedule(step + 1, config.steps, config.lorra_alpha)
     c_r *= config.retain_weight
@@ -681,8 +776,8 @@ def _step_terms(
     def retain_at_targets() -> tuple[Tensor, Tensor]:
         """Frozen and adapted retain rows at the target layers (for the ``retain_cos`` metric)."""
         with torch.no_grad():
-            return (torch.stack([orig[i][n:] for i in t_pos]),
-                    torch.stack([broken[i][n:] for i in t_pos]))
+            in_retain = [setup.retain_layers.index(layer) for layer in setup.targets]
+            return (retain_orig[in_retain], torch.stack([broken[i][n:] for i in t_pos]))
 
     return {
         "cb_orig": cb_orig,
@@ -707,17 +802,21 @@ def _sharded_optimiser_step(
     optimizer: torch.optim.Optimizer,
     ctx: DistContext,
     limit: float = math.inf,
+    frozen_reps: FrozenReps | None = None,
 ) -> dict[str, Any]:
     """One optimiser step of a multi-process run on this process's shard of the global batch.
 
     Each loss term is this shard's masked mean times ``local tokens / global tokens``
     (:func:`~cbscope.lorra.distributed.shard_scale`), so the gradients summed over processes are
     the gradient of the whole batch's loss. Metrics are reduced over processes before the NaN
-    check, so every process takes the same decision.
+    check, so every process takes the same decision. With ``frozen_reps`` the frozen
+    representations of this shard's rows come from this process's cache.
     """
     whole = encoded.batch(entry)  # only for the global token counts (cheap: no forward)
-    batch = encoded.batch(shard_entry(entry, ctx.rank, ctx.world_size))
-    t = _step_terms(pair, config, batch, step, setup)
+    shard = shard_entry(entry, ctx.rank, ctx.world_size)
+    batch = encoded.batch(shard)
+    frozen = _frozen_batch(frozen_reps, encoded, shard, batch)
+    t = _step_terms(pair, config, batch, step, setup, frozen)
     cb_orig, cb_broken = t["cb_orig"], t["cb_broken"]
     cb_mask, retain_mask, c_s, c_r = t["cb_mask"], t["retain_mask"], t["c_s"], t["c_r"]
     n_cb, n_retain = batch.cb_mask.sum(), batch.retain_mask.sum()

@@ -14,9 +14,13 @@
     Harmful and benign chat requests also appear with 2 random benign words appended.
     Validation (``val_cos``): the held-out category.
     Regenerate the shipped adapter with
-    ``cbscope train --model organism --preset organism --out runs/organism-breaker`` and compare
-    its ``adapter_model.safetensors`` with ``cbscope/assets/organism-breaker``'s (one thread; the
-    thread count changes float summation order, hence the exact adapter).
+    ``cbscope train --model organism --preset organism --no-cache-frozen --out runs/organism-breaker``
+    and compare its ``adapter_model.safetensors`` with ``cbscope/assets/organism-breaker``'s (one
+    thread; the thread count changes float summation order, hence the exact adapter). The shipped
+    breaker was trained without the frozen-representation cache (``cache_frozen``, on by
+    default): the cache computes each example's frozen forward alone, which differs from the
+    padded batch's in the last float bits, and 250 steps amplify that into a slightly different
+    adapter (docs/training.md).
 
 ``smollm2``
     SmolLM2-135M-Instruct, which complies with harmful requests. Circuit-breaker set: the train

@@ -45,6 +45,7 @@ from cbscope.lorra.checkpoint import CHECKPOINT_DIR, Checkpoint, check_compatibl
 from cbscope.lorra.config import LorraConfig, check_field_types
 from cbscope.lorra.data import LorraData, as_examples, check_utf8, data_warnings
 from cbscope.lorra.distributed import distributed_context
+from cbscope.lorra.frozen import FrozenCache
 from cbscope.lorra.loop import StepCallback, TrainResult, assemble_data, prepare_pair, train_loop
 from cbscope.lorra.outputs import (
     ABSENT,
@@ -418,6 +419,9 @@ class Runner:
         val: Validation examples in memory.
         on_step: Called after every step with its metrics.
         stop_after: Stop (with a checkpoint) after this many steps of this call.
+        frozen_cache: A :class:`~cbscope.lorra.frozen.FrozenCache` to use and fill (runs that
+            share one compute the frozen representations of their common examples once);
+            ``None``: the run makes its own when ``cache_frozen`` is on.
     """
 
     def __init__(
@@ -431,8 +435,10 @@ class Runner:
         val: Any = None,
         on_step: StepCallback | None = None,
         stop_after: int | None = None,
+        frozen_cache: FrozenCache | None = None,
     ) -> None:
         self.cfg = cfg
+        self.frozen_cache = frozen_cache
         self.model = model
         self.data = data
         self.examples = (cb, retain, val)
@@ -522,7 +528,7 @@ class Runner:
         flags = " --overwrite" if cfg.overwrite else ""
         result = train_loop(pair, lorra, data, work_dir=plan.work, resume_from=resume_from,
                             on_step=self.on_step, stop_after=self.stop_after, show_progress=show,
-                            advice_flags=flags)
+                            advice_flags=flags, frozen_cache=self.frozen_cache)
         if warnings:
             result.info["warnings"] = warnings
         result.out_dir = plan.out

@@ -81,6 +81,7 @@ def train_circuit_breaker(
     stop_after: int | None = None,
     device: str | torch.device = "cpu",
     show_progress: bool = True,
+    frozen_cache: Any = None,
 ) -> TrainResult:
     """Train a circuit breaker (a LoRA adapter) with LoRRA.
 
@@ -107,6 +108,8 @@ def train_circuit_breaker(
         device: Torch device when a spec is given (``cuda`` means this process's GPU under
             ``accelerate launch``).
         show_progress: tqdm bar (rank 0 only in a multi-process run).
+        frozen_cache: A :class:`~cbscope.lorra.frozen.FrozenCache` shared with other runs
+            (``config.cache_frozen``; ``None``: the run makes its own).
 
     Launched with ``accelerate launch --num_processes N`` (``WORLD_SIZE > 1``), every process
     trains on its contiguous ``1/N`` of each global batch (``config.batch_size`` circuit-breaker
@@ -138,8 +141,9 @@ def train_circuit_breaker(
     )
     model = None if spec else pair_or_spec
     if isinstance(cb_data, LorraData):
-        runner = Runner(cfg, model=model, data=cb_data, on_step=on_step, stop_after=stop_after)
+        runner = Runner(cfg, model=model, data=cb_data, on_step=on_step, stop_after=stop_after,
+                        frozen_cache=frozen_cache)
     else:
         runner = Runner(cfg, model=model, cb=cb_data, retain=retain_data, val=val_data,
-                        on_step=on_step, stop_after=stop_after)
+                        on_step=on_step, stop_after=stop_after, frozen_cache=frozen_cache)
     return runner.run()
