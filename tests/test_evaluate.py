@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cbscope.attacks import FinetuneAttackConfig, SoftPromptConfig
+from cbscope.attacks import FinetuneAttackConfig, SoftPromptConfig, attack_names
 from cbscope.evaluate import (
     EvalConfig,
     Report,
@@ -73,7 +73,9 @@ def _mean(values) -> float | None:
 def test_parse_attacks_and_spread() -> None:
     assert parse_attacks("direct, prefill") == ["direct", "prefill"]
     assert parse_attacks(None)[-1] == "finetune"
-    assert parse_attacks("all") == parse_attacks(None)
+    # "all" adds the strong, slow attacks that do not run by default
+    assert parse_attacks("all") == list(attack_names())
+    assert set(parse_attacks(None)) < set(parse_attacks("all"))
     with pytest.raises(ValueError, match="unknown attacks"):
         parse_attacks("direct,bogus")
     items = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("c", 1)]

@@ -53,6 +53,7 @@ from cbscope.attacks.prefill import DEFAULT_PREFILL, prefill_attack, prefills_fo
 from cbscope.attacks.protocol import Attack, AttackContext, AttackOutcome, GenerationSettings
 from cbscope.attacks.registry import (
     attack_names,
+    default_attack_names,
     get_attack,
     register_attack,
     registered_attacks,
@@ -136,6 +137,7 @@ __all__ = [
     "attack_copy",
     "attack_names",
     "attack_rows",
+    "default_attack_names",
     "default_multiturn",
     "describe_options",
     "difference_of_means",
