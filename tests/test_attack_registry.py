@@ -55,7 +55,7 @@ BUILTIN = (
 
 
 #: The strong, slow attacks: run when named (or with ``all``), not by default.
-STRONG = ("gcg", "embedding", "obfuscation")
+STRONG = ("gcg", "embedding", "obfuscation", "refusal_ablation")
 
 
 def test_registry_lists_the_builtin_attacks_in_report_order() -> None:
