@@ -55,7 +55,14 @@ BUILTIN = (
 
 
 #: The strong, slow attacks: run when named (or with ``all``), not by default.
-STRONG = ("gcg", "embedding", "obfuscation", "refusal_ablation")
+STRONG = (
+    "escalation",
+    "many_shot",
+    "gcg",
+    "embedding",
+    "obfuscation",
+    "refusal_ablation",
+)
 
 
 def test_registry_lists_the_builtin_attacks_in_report_order() -> None:
