@@ -62,6 +62,7 @@ STRONG = (
     "embedding",
     "obfuscation",
     "refusal_ablation",
+    "finetune_worst",
 )
 
 

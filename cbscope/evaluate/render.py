@@ -123,6 +123,24 @@ def markdown(report: ReportView) -> str:
                 ]
                 cells = ", ".join(f"{b:g}: {pct(a)}" for b, a in shown)
                 lines.append(f"| {name} | {mode} | {cells} |")
+    sweep = m.get("finetune_worst") or {}
+    for mode, info in sweep.items():
+        chosen = info.get("chosen")
+        lines += [
+            "",
+            f"## Worst-case fine-tuning ({mode}; benign exact match down at most "
+            f"{info['max_em_drop'] * 100:g} points)",
+            "",
+            "| lr | seed | steps | ASR | benign EM | EM drop | within bound |",
+            "|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for g in info["grid"]:
+            mark = " (worst)" if g == chosen else ""
+            lines.append(
+                f"| {g['lr']:g} | {g['seed']} | {g['steps']} | {pct(g['asr'])} | "
+                f"{pct(g['benign_em'])} | {g['em_drop'] * 100:.1f} | "
+                f"{'yes' if g['admissible'] else 'no'}{mark} |"
+            )
     lines += ["", "## Firing statistics", ""]
     trace = report.firing.get("trace")
     if trace:
