@@ -172,7 +172,8 @@ def _nanogcg_state(show_progress: bool) -> Iterator[Any]:
     bar = gcg_module.tqdm
     gcg_logger = logging.getLogger("nanogcg")
     level = gcg_logger.level
-    gcg_logger.setLevel(logging.WARNING)  # its INFO lines log the whole buffer every step
+    # its INFO lines log the whole buffer every step; its warnings ask for a GPU and fp16
+    gcg_logger.setLevel(logging.ERROR)
     if not show_progress:
         gcg_module.tqdm = functools.partial(tqdm, disable=True)
     try:
