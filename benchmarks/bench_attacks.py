@@ -2,11 +2,13 @@
 
 Each stage is one ``cbscope eval`` on the organism with ``cbscope/assets/organism-breaker`` on
 one torch thread (greedy except where an attack samples), timed, its report kept under
-``benchmarks/results/attacks/<stage>/`` and its key numbers gathered in
+``benchmarks/results/attacks/<stage>/`` (``report.json``, ``report.md``) and its key numbers gathered in
 ``benchmarks/results/attacks/summary.json``. Stages (each a few minutes on one core):
 
 * ``timed``: ``--attacks gcg,embedding --limit 12`` with the default options (the issue's
   10-minute target on one thread);
+* ``embedding_answer``: ``embedding`` on every soft-prompt request toward the whole answer
+  (``--soft-prompt-target answer``), 200 steps, best of 10;
 * ``ablate``: ``refusal_ablation,escalation,many_shot,direct,multiturn`` on every request;
 * ``obfuscation``: the obfuscation attack at weights 0, 1, 4 and 16 (the trade-off curve);
 * ``finetune``: ``finetune_worst`` with its default grid.
@@ -33,6 +35,10 @@ BREAKER = ROOT / "cbscope" / "assets" / "organism-breaker"
 
 STAGES: dict[str, list[str]] = {
     "timed": ["--attacks", "gcg,embedding", "--limit", "12"],
+    "embedding_answer": [
+        "--attacks", "embedding", "--soft-prompt-target", "answer",
+        "--attack-options", json.dumps({"embedding": {"steps": 200}}),
+    ],
     "ablate": ["--attacks", "direct,multiturn,escalation,many_shot,refusal_ablation"],
     "obfuscation": [
         "--attacks", "obfuscation", "--limit", "12",
@@ -87,6 +93,7 @@ def run_stage(name: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     seconds = time.perf_counter() - start
+    (out / "report.html").unlink()  # 5 MB of inline plotly: run the stage to see it
     report = json.loads((out / "report.json").read_text())
     entry: dict = {"command": " ".join(cmd[1:]), "seconds": round(seconds, 1), "attacks": {}}
     for attack, summary in report["attacks"].items():

@@ -58,8 +58,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CHAT_GCG_INIT", "ORGANISM_GCG_INIT", "GcgConfig", "gcg_attack", "gcg_init"]
 
-#: nanoGCG's own default start (20 ``x``) for BPE chat models.
-CHAT_GCG_INIT = " ".join(["x"] * 20)
+#: nanoGCG's own default start (20 ``x``) for BPE chat models, each with its leading space (the
+#: slot takes the space before it away; a BPE word carries its own).
+CHAT_GCG_INIT = " x" * 20
 #: The organism's word-level vocabulary has no ``x``: its start is a word it has, repeated.
 ORGANISM_GCG_INIT = " ".join(["a"] * 10)
 
