@@ -76,7 +76,11 @@ def _obfuscation_tradeoff(report: dict) -> list[dict]:
                     "asr": sum(r["success"] for r in mine) / len(mine),
                     "firing_rate": sum(fired) / len(fired) if fired else None,
                     "probe_recall": sum(flags) / len(flags) if flags else None,
-                    "mean_cos": sum(r["samples"][-1].get("cos", 0.0) for r in mine) / len(mine),
+                    "mean_target_cos": (
+                        sum(r["samples"][-1]["cos"] for r in mine) / len(mine)
+                        if all("cos" in r["samples"][-1] for r in mine)
+                        else None
+                    ),
                     "n": len(mine),
                 }
             )
