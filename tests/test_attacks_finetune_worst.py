@@ -63,6 +63,10 @@ def test_finetune_worst_reports_the_chosen_points_rows_and_the_grid() -> None:
 
 
 def test_bad_sweep_options() -> None:
+    from cbscope.attacks import get_attack
+
+    with pytest.raises(ConfigError, match="step_grid"):
+        get_attack("finetune_worst").make_options({"steps": 30})
     for bad in ({"step_grid": []}, {"seeds": []}, {"max_em_drop": 1.5}, {"n_benign": 0}):
         with pytest.raises(ConfigError):
             FinetuneSweepConfig(**bad).validate()

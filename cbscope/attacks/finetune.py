@@ -471,6 +471,18 @@ class FinetuneWorstAttack(FinetuneAttack):
         "max_em_drop"
     )
 
+    def make_options(self, values: Any = None, *, base: Any = None) -> Any:
+        """As :meth:`Attack.make_options`, refusing ``steps`` and ``eval_every`` (the grid's
+        ``step_grid`` sets both).
+
+        Raises:
+            ConfigError: Those two, or anything the base method refuses.
+        """
+        unused = sorted(set(values or {}) & {"steps", "eval_every"})
+        if unused:
+            raise ConfigError(f"finetune_worst sets {unused} from step_grid; set step_grid instead")
+        return super().make_options(values, base=base)
+
     def check(self, ctx: AttackContext, options: FinetuneSweepConfig) -> None:
         """Refuse a suite without exact benign answers and an empty training set.
 
