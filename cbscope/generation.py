@@ -2,8 +2,7 @@
 
 * :func:`generate_text`: greedy answers through the model's own ``generate`` (KV cache);
 * :func:`decode_embeds`: greedy or seeded sampled answers from input embeddings (optimised soft
-  prompts, exact token sequences), ``n`` samples per prompt for best-of-n attacks;
-* :func:`sample_text`: ``n`` sampled answers to chat prompts (through :func:`decode_embeds`).
+  prompts, exact token sequences), ``n`` samples per prompt for best-of-n attacks.
 """
 
 from __future__ import annotations
@@ -217,46 +216,3 @@ def decode_embeds(
             model, tokenizer, rows[begin : begin + size], max_new_tokens, temperature, generator
         )
     return [texts[i * copies : (i + 1) * copies] for i in range(len(sequences))]
-
-
-@torch.no_grad()
-def sample_text(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str | Conversation],
-    *,
-    n: int,
-    temperature: float = 1.0,
-    seed: int = 0,
-    prefills: Sequence[str] | None = None,
-    max_new_tokens: int = 32,
-    batch_size: int = 32,
-) -> list[list[str]]:
-    """``n`` sampled answers per chat prompt (after its prefill, if any), seeded.
-
-    The prompts are chat-formatted like :func:`generate_text` and decoded by
-    :func:`decode_embeds` from their token embeddings.
-    """
-    if prefills is not None and len(prefills) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(prefills)} prefills")
-    table = model.get_input_embeddings()
-    device = table.weight.device
-    sequences = [
-        table(
-            torch.tensor(
-                encode_chat(tokenizer, prompt, prefills[i] if prefills else "").input_ids,
-                device=device,
-            )
-        )
-        for i, prompt in enumerate(prompts)
-    ]
-    return decode_embeds(
-        model,
-        tokenizer,
-        sequences,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        n=n,
-        seed=seed,
-        batch_size=max(1, batch_size),
-    )

@@ -16,7 +16,6 @@ tokenizer ignores whitespace anyway.
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,8 +109,3 @@ def fill_slot(template: str, request: str, optim_str: str) -> str:
     if after and joined and not after[0].isspace():
         joined = joined + " "
     return before + joined + after
-
-
-def slot_requests(prompts: Sequence[str | Conversation]) -> list[str]:
-    """The request (last user turn) of each prompt."""
-    return [str(as_messages(p)[-1]["content"]) for p in prompts]
