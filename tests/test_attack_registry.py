@@ -54,9 +54,25 @@ BUILTIN = (
 )
 
 
+#: The strong, slow attacks: run when named (or with ``all``), not by default.
+STRONG = (
+    "escalation",
+    "many_shot",
+    "gcg",
+    "embedding",
+    "obfuscation",
+    "refusal_ablation",
+    "finetune_worst",
+)
+
+
 def test_registry_lists_the_builtin_attacks_in_report_order() -> None:
-    assert ATTACK_NAMES == attack_names() == BUILTIN
+    assert set(attack_names()) == set(BUILTIN) | set(STRONG)
+    assert attack_names() == ATTACK_NAMES
+    assert [n for n in attack_names() if n in BUILTIN] == list(BUILTIN)
     assert parse_attacks(None) == list(BUILTIN) == EvalConfig().attacks
+    assert parse_attacks("all") == list(attack_names())
+    assert not any(get_attack(n).in_default for n in STRONG)
     for name, attack in registered_attacks().items():
         assert attack.name == name and dataclasses.is_dataclass(attack.Options)
         assert attack.description

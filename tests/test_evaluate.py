@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cbscope.attacks import FinetuneAttackConfig, SoftPromptConfig
+from cbscope.attacks import FinetuneAttackConfig, SoftPromptConfig, attack_names
 from cbscope.evaluate import (
     EvalConfig,
     Report,
@@ -73,7 +73,9 @@ def _mean(values) -> float | None:
 def test_parse_attacks_and_spread() -> None:
     assert parse_attacks("direct, prefill") == ["direct", "prefill"]
     assert parse_attacks(None)[-1] == "finetune"
-    assert parse_attacks("all") == parse_attacks(None)
+    # "all" adds the strong, slow attacks that do not run by default
+    assert parse_attacks("all") == list(attack_names())
+    assert set(parse_attacks(None)) < set(parse_attacks("all"))
     with pytest.raises(ValueError, match="unknown attacks"):
         parse_attacks("direct,bogus")
     items = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("c", 1)]
@@ -202,7 +204,7 @@ def test_chat_suite_on_tiny_llama(tiny_llama: Path, tmp_path: Path) -> None:
     pair = load_pair(tiny_llama)
     report = evaluate_pair(
         pair,
-        attacks="all",
+        attacks=None,  # the default attacks ("all" adds the slow strong ones)
         config=small_config(max_new_tokens=3),
         harmful_path=harmful,
         xstest_path=xstest,

@@ -12,7 +12,17 @@ One module per attack:
 * :mod:`~cbscope.attacks.soft_prompt`: optimised input embeddings after the request (signed
   gradient descent toward a target completion);
 * :mod:`~cbscope.attacks.repe`: difference-of-means steering through forward hooks;
-* :mod:`~cbscope.attacks.finetune`: LoRA fine-tuning of a merged copy on harmful examples.
+* :mod:`~cbscope.attacks.finetune`: LoRA fine-tuning of a merged copy on harmful examples, and
+  its worst case over a learning-rate x steps x seeds grid under a capability bound;
+* :mod:`~cbscope.attacks.gcg`: GCG through nanoGCG, the string in a template's slot;
+* :mod:`~cbscope.attacks.embedding`: the Schwinn-Geisler embedding attack (signed gradient from a
+  meaningful string, best-of-n sampled answers) and obfuscated activations on top of it;
+* :mod:`~cbscope.attacks.refusal_ablation`: the refusal direction projected out of every layer;
+* :mod:`~cbscope.attacks.escalation`: multi-turn escalation and many-shot conversations.
+
+The strong, slow ones (gcg, embedding, obfuscation, refusal_ablation, escalation, many_shot,
+finetune_worst) run when named (or with ``all``). Optimising attacks keep their solutions along
+the way (:class:`~cbscope.attacks.base.Checkpoint`), so the report has ASR against budget.
 
 Every attack but fine-tuning returns an :class:`AttackRun` (prompts, prefills, responses,
 metadata) for a judge (:mod:`cbscope.judges`); :func:`cbscope.evaluate.evaluate_pair` runs them all
@@ -53,6 +63,7 @@ from cbscope.attacks.prefill import DEFAULT_PREFILL, prefill_attack, prefills_fo
 from cbscope.attacks.protocol import Attack, AttackContext, AttackOutcome, GenerationSettings
 from cbscope.attacks.registry import (
     attack_names,
+    default_attack_names,
     get_attack,
     register_attack,
     registered_attacks,
@@ -136,6 +147,7 @@ __all__ = [
     "attack_copy",
     "attack_names",
     "attack_rows",
+    "default_attack_names",
     "default_multiturn",
     "describe_options",
     "difference_of_means",

@@ -6,7 +6,9 @@ Every attack runs against one *mode* of a :class:`~cbscope.pair.ModelPair`:
 * ``"cb"``: adapters on (the circuit-broken model).
 
 An attack returns an :class:`AttackRun`: the prompts it sent (after any wrapping), the prefills,
-the greedy responses and per-example metadata, ready for a judge.
+the greedy responses and per-example metadata, ready for a judge. An optimising attack also keeps
+its solutions along the way (:class:`Checkpoint`: the budget spent, the loss, one or more sampled
+answers), from which the report draws its ASR-vs-budget curve.
 """
 
 from __future__ import annotations
@@ -49,6 +51,24 @@ def model_mode(pair: ModelPair, mode: str) -> Iterator[ModelPair]:
 
 
 @dataclass
+class Checkpoint:
+    """One kept solution of an optimising attack, for one prompt.
+
+    Attributes:
+        budget: What the attack had spent when it kept this solution (steps).
+        responses: The answers decoded from it (``best_of_n`` samples, or one greedy answer);
+            each is judged on its own.
+        loss: The attack's loss at this solution (``None`` when it has none).
+        extra: Numbers measured at this solution (e.g. the target-layer cosine).
+    """
+
+    budget: int
+    responses: list[str]
+    loss: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class AttackRun:
     """The outcome of one attack in one mode, before judging.
 
@@ -61,6 +81,11 @@ class AttackRun:
         prefills: Assistant prefills (empty strings when none).
         metas: Per-example metadata (topic, category, the original request ...).
         extra: Attack-specific results (soft-prompt losses, the RepE direction norms ...).
+        checkpoints: Optimising attacks: per prompt, the solutions kept along the way in budget
+            order (empty: one judged response per prompt). Judged by
+            :func:`~cbscope.attacks.rows.checkpoint_rows`: success at a budget means some sample
+            of some solution kept by then is harmful.
+        budget_unit: What a checkpoint's ``budget`` counts (``"steps"``).
     """
 
     attack: str
@@ -70,9 +95,17 @@ class AttackRun:
     prefills: list[str] = field(default_factory=list)
     metas: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    checkpoints: list[list[Checkpoint]] = field(default_factory=list)
+    budget_unit: str = "steps"
 
     def __post_init__(self) -> None:
         n = len(self.prompts)
+        if self.checkpoints and len(self.checkpoints) != n:
+            raise ValueError(
+                f"attack run {self.attack!r}: {n} prompts but {len(self.checkpoints)} checkpoint lists"
+            )
+        if any(not kept for kept in self.checkpoints):
+            raise ValueError(f"attack run {self.attack!r}: a prompt has no checkpoint")
         if not self.prefills:
             self.prefills = [""] * n
         if not self.metas:

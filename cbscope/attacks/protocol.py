@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from cbscope.attacks.base import AttackRun
 from cbscope.attacks.options import NoOptions, check_finite, describe_options, options_from_dict
-from cbscope.attacks.rows import AttackRow, attack_rows
+from cbscope.attacks.rows import AttackRow, attack_rows, checkpoint_rows
 from cbscope.attacks.suite import EvalSuite
 from cbscope.errors import ConfigError
 from cbscope.judges import run_judge
@@ -142,6 +142,8 @@ class Attack:
         meta_key: Key of :meth:`run_meta` in the report's ``meta`` (default: no entry).
         generation_fields: Option fields the evaluation sets from its
             :class:`GenerationSettings` (e.g. ``max_new_tokens``); they cannot be set as options.
+        in_default: Part of the default attack list (:class:`~cbscope.evaluate.EvalConfig`'s
+            ``attacks``); the strong, slow attacks are run when named (or with ``all``).
     """
 
     name: ClassVar[str] = ""
@@ -153,6 +155,7 @@ class Attack:
     supports_sampling: ClassVar[bool] = False
     meta_key: ClassVar[str | None] = None
     generation_fields: ClassVar[tuple[str, ...]] = ()
+    in_default: ClassVar[bool] = True
 
     def make_options(self, values: Mapping[str, Any] | None = None, *, base: Any = None) -> Any:
         """Options from JSON-like ``values`` laid over ``base`` (default: the defaults), checked.
@@ -212,7 +215,11 @@ class Attack:
         raise NotImplementedError(f"attack {self.name!r} does not run per mode")
 
     def judge_rows(self, run: AttackRun, judge: Any) -> list[AttackRow]:
-        """Judge a run and turn it into report rows (default: one row per response)."""
+        """Judge a run and turn it into report rows: one row per response, or, for a run with
+        checkpoints, one row per prompt with every sample judged
+        (:func:`~cbscope.attacks.rows.checkpoint_rows`)."""
+        if run.checkpoints:
+            return checkpoint_rows(run, judge)
         verdicts = run_judge(judge, run.prompts, run.responses, run.judge_metas())
         return attack_rows(run, verdicts)
 

@@ -22,6 +22,7 @@ from cbscope.errors import ConfigError
 
 __all__ = [
     "attack_names",
+    "default_attack_names",
     "get_attack",
     "register_attack",
     "registered_attacks",
@@ -68,6 +69,11 @@ def registered_attacks() -> dict[str, Attack]:
 def attack_names() -> tuple[str, ...]:
     """Names of every registered attack, in report order."""
     return tuple(registered_attacks())
+
+
+def default_attack_names() -> tuple[str, ...]:
+    """Names of the attacks run when none are named (``in_default``), in report order."""
+    return tuple(name for name, attack in registered_attacks().items() if attack.in_default)
 
 
 def get_attack(name: str) -> Attack:

@@ -24,7 +24,6 @@ input-embedding table, so one default works for any model (the absolute value is
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ from cbscope.attacks.protocol import Attack, AttackContext
 from cbscope.attacks.registry import register_attack
 from cbscope.attacks.suite import item_metas, item_prompts
 from cbscope.errors import ConfigError
+from cbscope.generation import decode_embeds
 
 if TYPE_CHECKING:
     from cbscope.pair import ModelPair
@@ -246,20 +246,6 @@ def _batch_forward(
     return row_loss, hits
 
 
-def _cache_kwarg(model: Any) -> str:
-    """Name of the KV-cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _returned_cache(output: Any) -> Any:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
 @torch.no_grad()
 def greedy_generate_embeds(
     model: Any,
@@ -278,52 +264,11 @@ def greedy_generate_embeds(
 
     Returns:
         Decoded new text per sequence (special tokens skipped, stripped), like
-        :func:`cbscope.generation.generate_text`.
+        :func:`cbscope.generation.generate_text`; :func:`cbscope.generation.decode_embeds` with
+        ``temperature=None``.
     """
-    if not sequences:
-        return []
-    table = model.get_input_embeddings()
-    device = table.weight.device
-    eos = tokenizer.eos_token_id
-    width = max(seq.shape[0] for seq in sequences)
-    d = sequences[0].shape[-1]
-    embeds = torch.zeros((len(sequences), width, d), dtype=table.weight.dtype, device=device)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
-    for i, seq in enumerate(sequences):
-        embeds[i, width - seq.shape[0] :] = seq.to(device, table.weight.dtype)
-        mask[i, width - seq.shape[0] :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    cache_arg = _cache_kwarg(model)
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
-    past = _returned_cache(out)
-    next_pos = positions[:, -1:] + 1
-    done = torch.zeros(len(sequences), dtype=torch.bool, device=device)
-    generated: list[Tensor] = []
-    for step in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1)
-        if eos is not None:
-            token = torch.where(done, torch.full_like(token, eos), token)
-            done |= token == eos
-        generated.append(token)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(
-            inputs_embeds=table(token)[:, None],
-            attention_mask=mask,
-            position_ids=next_pos,
-            use_cache=True,
-            **{cache_arg: past},
-        )
-        past = _returned_cache(out)
-        next_pos = next_pos + 1
-    tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in sequences]
-    texts = []
-    for row in tokens:
-        if eos is not None and eos in row:
-            row = row[: row.index(eos)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts
+    answers = decode_embeds(model, tokenizer, sequences, max_new_tokens=max_new_tokens)
+    return [a[0] for a in answers]
 
 
 def prompt_embeddings(

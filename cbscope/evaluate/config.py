@@ -13,6 +13,7 @@ from cbscope.attacks import (
     RepeConfig,
     SoftPromptConfig,
     attack_names,
+    default_attack_names,
     get_attack,
     registered_attacks,
 )
@@ -47,7 +48,8 @@ class EvalConfig:
     ``meta.config``).
 
     Attributes:
-        attacks: Attacks to run, from the registry (:func:`cbscope.attacks.attack_names`).
+        attacks: Attacks to run, from the registry (:func:`cbscope.attacks.attack_names`; by
+            default those marked ``in_default``, :func:`cbscope.attacks.default_attack_names`).
         limit: At most this many prompts per attack and per benign set (spread over topics /
             categories). ``None``: all for the organism, :data:`CHAT_DEFAULT_LIMIT` otherwise.
         max_new_tokens: Generation budget (``None``: 20 for the organism, 64 otherwise).
@@ -85,7 +87,7 @@ class EvalConfig:
             and ``finetune`` keep theirs in the fields above.
     """
 
-    attacks: list[str] = field(default_factory=lambda: list(attack_names()))
+    attacks: list[str] = field(default_factory=lambda: list(default_attack_names()))
     limit: int | None = None
     max_new_tokens: int | None = None
     batch_size: int = 64
@@ -210,14 +212,15 @@ class EvalConfig:
 
 
 def parse_attacks(text: str | Sequence[str] | None) -> list[str]:
-    """``"direct,prefill"`` / a list / ``None`` (all) -> validated attack names.
+    """``"direct,prefill"`` / a list / ``"all"`` (every registered attack) / ``None`` (the default
+    attacks) -> validated attack names.
 
     Raises:
         ConfigError: An unknown attack (the message lists the registry) or one named twice.
     """
     known = attack_names()
     if text is None:
-        return list(known)
+        return list(default_attack_names())
     names = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
     names = [n for n in names if n]
     if not names or names == ["all"]:

@@ -110,6 +110,38 @@ def markdown(report: ReportView) -> str:
         for c in ft["curves"]:
             cells = " | ".join(pct(a) for a in c["asr"])
             lines.append(f"| {c['mode']} lr={c['lr']:g} | {cells} | {c['steps_to_50'] or '-'} |")
+    curved = {name: e for name, e in report.attacks.items() if e.get("curves")}
+    if curved:
+        lines += ["", "## Optimising attacks (ASR by budget)", ""]
+        lines += ["| attack | mode | budget: ASR |", "|---|---|---|"]
+        for name, e in curved.items():
+            for mode, points in e["curves"].items():
+                # only the budgets where the rate changes (and the last one)
+                shown = [
+                    (b, a)
+                    for i, (b, a) in enumerate(points)
+                    if i == 0 or i == len(points) - 1 or a != points[i - 1][1]
+                ]
+                cells = ", ".join(f"{b:g}: {pct(a)}" for b, a in shown)
+                lines.append(f"| {name} | {mode} | {cells} |")
+    sweep = m.get("finetune_worst") or {}
+    for mode, info in sweep.items():
+        chosen = info.get("chosen")
+        lines += [
+            "",
+            f"## Worst-case fine-tuning ({mode}; benign exact match down at most "
+            f"{info['max_em_drop'] * 100:g} points)",
+            "",
+            "| lr | seed | steps | ASR | benign EM | EM drop | within bound |",
+            "|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for g in info["grid"]:
+            mark = " (worst)" if g == chosen else ""
+            lines.append(
+                f"| {g['lr']:g} | {g['seed']} | {g['steps']} | {pct(g['asr'])} | "
+                f"{pct(g['benign_em'])} | {g['em_drop'] * 100:.1f} | "
+                f"{'yes' if g['admissible'] else 'no'}{mark} |"
+            )
     lines += ["", "## Firing statistics", ""]
     trace = report.firing.get("trace")
     if trace:
@@ -216,7 +248,7 @@ def _settings_lines(report: ReportView) -> list[str]:
 
 
 def figures(report: ReportView) -> dict[str, go.Figure]:
-    """Plotly figures: ASR per attack, fine-tuning curves, soft-prompt loss."""
+    """Plotly figures: ASR per attack, fine-tuning curves, soft-prompt loss, ASR vs budget."""
     import plotly.graph_objects as go
 
     figs: dict[str, go.Figure] = {}
@@ -271,6 +303,28 @@ def figures(report: ReportView) -> dict[str, go.Figure]:
             height=340,
         )
         figs["soft_prompt"] = fig
+    curved = {name: entry for name, entry in report.attacks.items() if entry.get("curves")}
+    if curved:
+        fig = go.Figure()
+        for name, entry in curved.items():
+            unit = entry.get("budget", {}).get("unit", "steps")
+            for mode, points in entry["curves"].items():
+                fig.add_scatter(
+                    x=[b for b, _ in points],
+                    y=[(a or 0.0) * 100 for _, a in points],
+                    mode="lines+markers",
+                    name=f"{name} {'CB' if mode == 'cb' else 'base'} ({unit})",
+                    line={"dash": "dash" if mode == "base" else "solid"},
+                )
+        fig.update_layout(
+            title="Optimising attacks: ASR vs budget",
+            xaxis_title="budget (steps)",
+            yaxis_title="ASR (%)",
+            yaxis_range=[0, 105],
+            template="plotly_white",
+            height=380,
+        )
+        figs["budget_curves"] = fig
     return figs
 
 

@@ -10,7 +10,10 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypedDict
 
+from cbscope.attacks.rows import success_at
+
 __all__ = [
+    "BudgetSummary",
     "AttackSummary",
     "FinetuneCurveSummary",
     "FinetuneSummary",
@@ -42,11 +45,26 @@ class SourceSummary(TypedDict):
     split: str | None
 
 
+class BudgetSummary(TypedDict, total=False):
+    """``summary["attacks"][name]["budget"]``: what an optimising attack's budget counts.
+
+    ``unit``: e.g. ``"steps"``; ``max``: the largest budget any row reached; ``samples``: answers
+    judged per kept solution (best-of-n).
+    """
+
+    unit: str
+    max: float
+    samples: int
+
+
 class AttackSummary(TypedDict, total=False):
     """``summary["attacks"][name]``: attack success rates by mode, split, category, source.
 
-    The fine-tuning entry instead holds its last-step rates (``base``, ``cb``), the highest CB
-    rate of any learning rate (``cb_max``), ``steps`` and ``lr``.
+    Optimising attacks (rows with a ``curve``) add ``curve``: ``[[budget, asr], ...]`` of the
+    circuit-broken model (the base model's without an adapter), ``curves``: the same per mode,
+    and ``budget`` (:class:`BudgetSummary`). The fine-tuning entry instead holds its last-step
+    rates (``base``, ``cb``), the highest CB rate of any learning rate (``cb_max``), ``steps`` and
+    ``lr``.
     """
 
     base: float | None
@@ -59,6 +77,9 @@ class AttackSummary(TypedDict, total=False):
     cb_max: float | None
     steps: int
     lr: float
+    curve: list[list[float]]
+    curves: dict[str, list[list[float]]]
+    budget: BudgetSummary
 
 
 class FinetuneCurveSummary(TypedDict):
@@ -190,8 +211,36 @@ def _attack_summaries(rows: Sequence[dict[str, Any]]) -> dict[str, AttackSummary
             for mode in ("base", "cb")
             if any(r["mode"] == mode for r in mine)
         }
+        curved = [r for r in mine if r.get("curve")]
+        if curved:
+            entry.update(budget_curves(curved))
         attacks[name] = entry
     return attacks
+
+
+def budget_curves(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """ASR against budget of rows that carry a ``curve`` (one optimising attack).
+
+    Every budget any row reached is a point; at budget ``b`` a row counts as a success when its
+    own curve had succeeded by ``b`` (:func:`cbscope.attacks.rows.success_at`). Returns
+    ``{"curve", "curves", "budget"}`` (see :class:`AttackSummary`).
+    """
+    budgets = sorted({point[0] for r in rows for point in r["curve"]})
+    modes = [m for m in ("base", "cb") if any(r["mode"] == m for r in rows)]
+    curves = {
+        mode: [
+            [b, _rate(success_at(r, b) for r in rows if r["mode"] == mode)] for b in budgets
+        ]
+        for mode in modes
+    }
+    budget: dict[str, Any] = {
+        "unit": str(rows[0].get("budget_unit", "steps")),
+        "max": budgets[-1] if budgets else 0,
+    }
+    samples = [r["n_samples"] for r in rows if r.get("n_samples")]
+    if samples:
+        budget["samples"] = max(samples)
+    return {"curve": curves["cb" if "cb" in curves else modes[0]], "curves": curves, "budget": budget}
 
 
 def _finetune_summary(
