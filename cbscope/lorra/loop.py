@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from cbscope.data import DatasetError
 from cbscope.errors import NonFiniteLossError, ResumeError
-from cbscope.lorra import losses
+from cbscope.lorra import losses, official
 from cbscope.lorra.checkpoint import (
     BAD,
     CHECKPOINT_DIR,
@@ -426,6 +426,9 @@ def train_loop(
     work = Path(work_dir) if work_dir is not None else None
     ctx = distributed_context()
     main = ctx is None or ctx.is_main
+    if ctx is not None and config.recipe == "official":
+        raise ConfigError("recipe 'official' runs in one process (its retain denominator counts "
+                          "the whole batch's padding); start it without accelerate launch")
     targets = config.resolved_target_layers(pair.n_layers)
     retain_layers = config.resolved_retain_layers(pair.n_layers)
     encoded = EncodedData(data, pair.tokenizer, config)
@@ -659,6 +662,8 @@ def _step_terms(
     adapted forward of each block, which must run with the same (LoRA dropout) mode; the caller
     switches back to ``eval()`` after ``backward``.
     """
+    if config.recipe == "official":
+        return official.official_step_terms(pair, config, batch, step, setup.targets)
     device = pair.device
     ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
     cb_mask, retain_mask = batch.cb_mask.to(device), batch.retain_mask.to(device)
