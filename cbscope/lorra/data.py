@@ -460,6 +460,8 @@ class Batch:
     cb_mask: Int[Tensor, "cb pos"]
     retain_mask: Int[Tensor, "retain pos"]
     n_cb: int
+    cb_request_end: Tensor | None = None  # per circuit-breaker row: its last request token
+    pull: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 def collate(
@@ -479,6 +481,8 @@ def collate(
         token_mask(cb, width, cb_mode),
         token_mask(retain, width, retain_mode),
         len(cb),
+        # each circuit-breaker row's last request token (its first token when it has no request)
+        torch.tensor([max(ex.response_start - 1, 0) for ex in cb], dtype=torch.long),
     )
 
 
@@ -578,6 +582,11 @@ class EncodedData:
             for name, rows in data.retain.items()
         } if config.retain_response_only_fraction > 0 else {}
         self.val = encoded(data.val, "validation", cb_len)
+        self.partners: list[int | None] = []
+        if config.loss == "repbend":
+            from cbscope.lorra.repbend import refusal_partners
+
+            self.partners = refusal_partners(data.cb, data.retain.get("refusal", []))
 
     def fingerprint(self) -> str:
         """Hash of every encoded token (a resumed run must see the same data)."""
@@ -610,11 +619,20 @@ class EncodedData:
                                     cb_length=self.config.cb_max_length or self.config.max_length,
                                     retain_length=self.config.max_length)
         masks = self.config.retain_masks()
-        return collate(
+        batch = collate(
             cb, retain, self.pad_id,
             cb_mode=self.config.token_mask,
             retain_mode=[masks[source] for source, _ in entry["retain"]],
         )
+        if getattr(self, "partners", None) and any(p is not None for p in self.partners):
+            from cbscope.lorra.repbend import pull_rows, with_partners
+
+            refusals = self.retain.get("refusal", [])
+            partners = [None if p is None else refusals[p]
+                        for p in with_partners(entry, self.partners)]
+            batch.pull = pull_rows(cb, partners, batch.input_ids.shape[1], self.pad_id,
+                                   self.config.repbend_pull_tokens)
+        return batch
 
     def batches(self, examples: Sequence[EncodedExample], mode: str) -> list[tuple[Tensor, Tensor, Tensor]]:
         """``(ids, attention, loss mask)`` chunks of ``batch_size`` examples (for evaluation)."""

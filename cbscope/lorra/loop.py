@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from cbscope.data import DatasetError
 from cbscope.errors import NonFiniteLossError, ResumeError
-from cbscope.lorra import losses, official
+from cbscope.lorra import losses, official, repbend
 from cbscope.lorra.checkpoint import (
     BAD,
     CHECKPOINT_DIR,
@@ -271,7 +271,7 @@ def _frozen_reps(pair: Any, chunks: Sequence[tuple[Tensor, Tensor, Tensor]], lay
 
 def loss_targets(pair: Any, config: LorraConfig, encoded: EncodedData, layers: list[int]) -> dict[str, Tensor]:
     """Fixed targets of the ``rmu`` / ``random_norm`` / ``refusal_direction`` losses."""
-    if config.loss == "rr":
+    if config.loss in ("rr", "repbend"):
         return {}
     generator = torch.Generator().manual_seed(config.seed + 1)
     if config.loss in ("rmu", "random_norm"):
@@ -429,6 +429,9 @@ def train_loop(
     if ctx is not None and config.recipe == "official":
         raise ConfigError("recipe 'official' runs in one process (its retain denominator counts "
                           "the whole batch's padding); start it without accelerate launch")
+    if ctx is not None and config.loss == "repbend":
+        raise ConfigError("loss 'repbend' runs in one process (its cohesion term pairs rows of "
+                          "the whole batch); start it without accelerate launch")
     targets = config.resolved_target_layers(pair.n_layers)
     retain_layers = config.resolved_retain_layers(pair.n_layers)
     encoded = EncodedData(data, pair.tokenizer, config)
@@ -603,6 +606,7 @@ def _train_step(
             "retain_cos": losses.mean_cosine(*t["retain_at_targets"](), retain_mask),
             "cb_norm_orig": losses.mean_norm(cb_orig, cb_mask),
             "cb_norm_cb": losses.mean_norm(cb_broken, cb_mask),
+            **{name: float(value) for name, value in t.get("extra", {}).items()},
         }
     finally:
         pair.set_training(False)  # only after backward: checkpointed blocks recompute in training mode
@@ -664,6 +668,8 @@ def _step_terms(
     """
     if config.recipe == "official":
         return official.official_step_terms(pair, config, batch, step, setup.targets)
+    if config.loss == "repbend":
+        return repbend.repbend_step_terms(pair, config, batch, setup)
     device = pair.device
     ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
     cb_mask, retain_mask = batch.cb_mask.to(device), batch.retain_mask.to(device)
