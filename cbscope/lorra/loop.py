@@ -606,7 +606,7 @@ def _train_step(
             "retain_cos": losses.mean_cosine(*t["retain_at_targets"](), retain_mask),
             "cb_norm_orig": losses.mean_norm(cb_orig, cb_mask),
             "cb_norm_cb": losses.mean_norm(cb_broken, cb_mask),
-            **{name: float(value) for name, value in t.get("extra", {}).items()},
+            **{name: float(value.detach()) for name, value in t.get("extra", {}).items()},
         }
     finally:
         pair.set_training(False)  # only after backward: checkpointed blocks recompute in training mode

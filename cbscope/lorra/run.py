@@ -95,6 +95,8 @@ class RunConfig:
         restart: Start again from step 0: discard an interrupted run's checkpoints; with
             resume, start from step 0 when no checkpoint can be used.
         merge: Also write a merged HF model to OUT/merged.
+        dry_run: Check the data, print the plan and a memory estimate, and stop: no weights are
+            loaded and nothing is written (cbscope.lorra.dryrun).
         device: Torch device ('cuda' under accelerate launch: each process's own GPU).
         threads: Torch threads (0: torch's default; None: leave the current setting).
         progress: Show progress bars.
@@ -120,6 +122,7 @@ class RunConfig:
     overwrite: bool = False
     restart: bool = False
     merge: bool = False
+    dry_run: bool = False
     device: str = "cpu"
     threads: int | None = field(default=None, metadata={"cli": {"default": 1}})
     progress: bool = True
@@ -461,6 +464,12 @@ class Runner:
             inputs.append(Path(cfg.model))
         return plan_output(cfg, lorra, inputs)
 
+    def dry_run(self) -> Any:
+        """Check the run without loading weights (:func:`cbscope.lorra.dryrun.dry_run`)."""
+        from cbscope.lorra.dryrun import dry_run
+
+        return dry_run(self)
+
     def _model_spec(self) -> Any:
         if self.model is not None:
             return self.model
@@ -494,6 +503,8 @@ class Runner:
             CbscopeError: Bad input (before any work), a resume that cannot be done, or a loss
                 that became NaN, infinite or exploded (:class:`NonFiniteLossError`).
         """
+        if self.cfg.dry_run:
+            raise ConfigError("dry_run is set: call Runner.dry_run() (it trains nothing)")
         plan = self.plan()
         cfg, lorra = self.cfg, plan.lorra
         if cfg.threads:
