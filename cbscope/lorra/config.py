@@ -20,6 +20,7 @@ from typing import Any
 from cbscope.errors import ConfigError, MissingFileError
 from cbscope.io import atomic_write_json
 from cbscope.layers import LayerError, default_target_layers, validate_layers
+from cbscope.lorra.durability import DURABILITY
 from cbscope.lorra.losses import LOSSES
 from cbscope.models import DTYPES
 
@@ -176,6 +177,13 @@ class LorraConfig:
             ``refusal`` retain source), over ``repbend_pull_tokens`` positions from the last
             request token.
         repbend_pull_tokens: Positions the pull term covers.
+        durability: ``"none"``, ``"tar"`` (simulate harmful fine-tuning inside each step and
+            penalise the circuit-breaker cosine it recovers) or ``"repnoise"`` (pull the
+            circuit-breaker representations toward Gaussian noise); see
+            :mod:`cbscope.lorra.durability`.
+        durability_weight: Weight of the durability term.
+        durability_steps: Simulated fine-tuning steps per training step (``tar``).
+        durability_lr: Size of each simulated step (``tar``: ``lr * sign(gradient)``).
         recipe: ``"cbscope"`` (default) or ``"official"``: follow the official code in every
             place that changes the numbers (:mod:`cbscope.lorra.official`: the retain term over
             every hidden state of the truncated model with denominators that count padding, the
@@ -233,6 +241,10 @@ class LorraConfig:
     repbend_kl: float = 1.0
     repbend_pull: float = 0.5
     repbend_pull_tokens: int = 8
+    durability: str = "none"
+    durability_weight: float = 1.0
+    durability_steps: int = 2
+    durability_lr: float = 1e-3
     recipe: str = "cbscope"
     val_size: int = 8
     seed: int = 42
@@ -281,6 +293,11 @@ class LorraConfig:
                                   self.repbend_pull)), "the repbend_* weights must be >= 0"),
             (self.repbend_pull_tokens >= 1, "repbend_pull_tokens must be >= 1"),
             (self.recipe in RECIPES, f"recipe must be one of {RECIPES}, not {self.recipe!r}"),
+            (self.durability in DURABILITY,
+             f"durability must be one of {DURABILITY}, not {self.durability!r}"),
+            (self.durability_weight >= 0, "durability_weight must be >= 0"),
+            (self.durability_steps >= 1, "durability_steps must be >= 1"),
+            (self.durability_lr > 0, "durability_lr must be > 0"),
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.val_size >= 0, "val_size must be >= 0"),
@@ -315,9 +332,9 @@ class LorraConfig:
         if self.token_mask != "full" or self.retain_masks() != {s: "full" for s in RETAIN_SOURCES}:
             raise ConfigError("recipe 'official' covers every real token (the attention mask): "
                               "token_mask and retain_token_mask must be 'full'")
-        if self.loss != "rr":
+        if self.loss != "rr" or self.durability != "none":
             raise ConfigError(f"recipe 'official' is the official RR loss; loss must be 'rr', "
-                              f"not {self.loss!r}")
+                              f"not {self.loss!r}, and durability 'none'")
         if (self.cb_max_length or self.max_length) < 2:
             raise ConfigError("recipe 'official' needs cb_max_length >= 2 (request + response)")
 

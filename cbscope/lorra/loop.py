@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from cbscope.data import DatasetError
 from cbscope.errors import NonFiniteLossError, ResumeError
-from cbscope.lorra import losses, official, repbend
+from cbscope.lorra import durability, losses, official, repbend
 from cbscope.lorra.checkpoint import (
     BAD,
     CHECKPOINT_DIR,
@@ -429,9 +429,9 @@ def train_loop(
     if ctx is not None and config.recipe == "official":
         raise ConfigError("recipe 'official' runs in one process (its retain denominator counts "
                           "the whole batch's padding); start it without accelerate launch")
-    if ctx is not None and config.loss == "repbend":
-        raise ConfigError("loss 'repbend' runs in one process (its cohesion term pairs rows of "
-                          "the whole batch); start it without accelerate launch")
+    if ctx is not None and (config.loss == "repbend" or config.durability != "none"):
+        raise ConfigError("loss 'repbend' and the durability terms run in one process (they "
+                          "pair rows of the whole batch); start it without accelerate launch")
     targets = config.resolved_target_layers(pair.n_layers)
     retain_layers = config.resolved_retain_layers(pair.n_layers)
     encoded = EncodedData(data, pair.tokenizer, config)
@@ -589,9 +589,16 @@ def _train_step(
         cb_mask, retain_mask, c_s, c_r = t["cb_mask"], t["retain_mask"], t["c_s"], t["c_r"]
         cb_loss, retain_loss = t["cb_loss"], t["retain_loss"]
         loss = c_s * cb_loss + c_r * retain_loss
+        extra = dict(t.get("extra", {}))
+        if config.durability == "repnoise":
+            extra["durability"] = durability.noise_loss(cb_orig, cb_broken, cb_mask)
+            loss = loss + config.durability_weight * extra["durability"]
         _guard(step, loss.item(), cb_loss.item(), retain_loss.item(), limit)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if config.durability == "tar":
+            extra["durability"] = torch.tensor(
+                durability.tar_gradient(pair, config, batch, setup.targets, cb_orig.detach()))
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(pair.lora_parameters(), config.max_grad_norm)
         optimizer.step()
@@ -606,7 +613,7 @@ def _train_step(
             "retain_cos": losses.mean_cosine(*t["retain_at_targets"](), retain_mask),
             "cb_norm_orig": losses.mean_norm(cb_orig, cb_mask),
             "cb_norm_cb": losses.mean_norm(cb_broken, cb_mask),
-            **{name: float(value.detach()) for name, value in t.get("extra", {}).items()},
+            **{name: float(value.detach()) for name, value in extra.items()},
         }
     finally:
         pair.set_training(False)  # only after backward: checkpointed blocks recompute in training mode
