@@ -192,3 +192,16 @@ def test_official_plan_drops_each_request_once() -> None:
     assert all("retain_drop" in entry for entry in plan)
     default = LorraConfig(steps=40, batch_size=4).validate()
     assert "retain_drop" not in make_plan(6, {"benign": 5}, default)[0]  # old plans unchanged
+
+
+def test_official_preset_trains_the_organism_in_bf16(tiny_organism: Path, tmp_path: Path) -> None:
+    from cbscope.run import RunConfig, Runner
+
+    out = tmp_path / "official"
+    result = Runner(RunConfig(preset="official", model=str(tiny_organism), out=out, progress=False,
+                              lorra_overrides={"steps": 2, "batch_size": 4, "log_every": 1,
+                                               "val_size": 2, "target_layers": [1, 3]})).run()
+    assert result.finished
+    saved = LorraConfig.load(out)
+    assert saved.recipe == "official" and saved.dtype == "bfloat16" and saved.lora_b_init_std == 0.0
+    assert result.metrics[0]["c_r"] == pytest.approx(10.0 / 300)

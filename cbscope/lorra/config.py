@@ -126,7 +126,9 @@ class LorraConfig:
             zero while the cosine's vanishes, so with 1e-3 the retain term pins the adapter at
             zero (the presets use 1e-2 / 3e-2).
         lorra_alpha: ``alpha`` of the schedule ``c_s = alpha (1 - t/2T)``, ``c_r = alpha t/2T``
-            (paper: 10 for Llama-3, 5 for Mistral).
+            (paper: 10 for Llama-3, 5 for Mistral). The official code divides ``t`` by a fixed
+            300 instead of ``2T`` (the same only at ``T = 150``); cbscope scales it to the run so
+            that every run ends at ``c_s = c_r`` (``recipe="official"``: the 300).
         retain_weight: Extra factor on ``c_r`` (1 in the official code). The L2 retain term is in
             the units of the residual stream: a model with small representation norms (the
             organism) needs a larger factor to keep retain examples as firmly as a 7B model does.
