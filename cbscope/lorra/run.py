@@ -74,7 +74,9 @@ class RunConfig:
             beside it and swaps that in only when the run has finished. None: train in memory.
         model: Model spec ('organism', 'smollm2-135m', 'gemma3-270m', a folder); default: the
             preset's.
-        preset: 'organism', 'smollm2' or 'gemma3': data and config of a ready-made run.
+        preset: 'organism', 'smollm2', 'gemma3', 'official' (the organism under the official
+            recipe), 'llama3-8b-rr' or 'mistral-7b-rr' (the paper's runs, official data files
+            via --data-options): data and config of a ready-made run.
         cb: Circuit-breaker set: JSONL prompt/response, or a CSV of prompts the base model
             answers.
         retain: Retain set: JSONL prompt/response (optional 'source': benign, refusal or
