@@ -28,6 +28,8 @@ VARIANTS = {
     "rr": {},
     "tar": {"durability": "tar", "durability_weight": 1.0, "durability_steps": 2,
             "durability_lr": 1e-3},
+    "tar_mid": {"durability": "tar", "durability_weight": 2.0, "durability_steps": 4,
+                "durability_lr": 3e-3},
     "tar_strong": {"durability": "tar", "durability_weight": 5.0, "durability_steps": 4,
                    "durability_lr": 3e-3},
     "repnoise": {"durability": "repnoise", "durability_weight": 2.0},
