@@ -13,12 +13,17 @@ training-cost multiple (training seconds over plain RR's, same machine, one thre
 Usage::
 
     python benchmarks/durability.py --variant tar --out benchmarks/results/durability/tar.json
+    python benchmarks/durability.py --adapter runs/repbend-vs-rr/repbend-seed1 --name repbend \
+        --soft-prompt --out benchmarks/results/durability/repbend.json   # an adapter already trained
+
+``--soft-prompt`` also runs the embedding (soft-prompt) attack of ``benchmarks/repbend_vs_rr.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -71,7 +76,12 @@ def attack(adapter: Path, lrs: list[float], seeds: list[int], steps: int) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default=None)
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="Attack this organism adapter instead of training one.")
+    parser.add_argument("--name", default=None, help="The row's name with --adapter.")
+    parser.add_argument("--soft-prompt", action="store_true",
+                        help="Also run the soft-prompt (embedding) attack.")
     parser.add_argument("--seed", type=int, default=1, help="Training seed.")
     parser.add_argument("--lrs", default="3e-4,1e-3,3e-3")
     parser.add_argument("--attack-seeds", default="0,1")
@@ -84,27 +94,44 @@ def main() -> None:
     from cbscope.organism import World, evaluate_behaviour
     from cbscope.run import RunConfig, Runner
 
-    out = args.runs / f"{args.variant}-seed{args.seed}"
-    result = Runner(RunConfig(preset="organism", out=out, overwrite=True, progress=False,
-                              lorra_overrides={**VARIANTS[args.variant], "seed": args.seed})).run()
-    pair = result.pair
+    if (args.variant is None) == (args.adapter is None):
+        parser.error("give --variant (train it) or --adapter (attack it)")
+    train_seconds = None
+    if args.adapter is not None:
+        from cbscope.pair import load_pair
+
+        out = args.adapter
+        pair = load_pair("organism", adapter=out)
+    else:
+        out = args.runs / f"{args.variant}-seed{args.seed}"
+        result = Runner(RunConfig(preset="organism", out=out, overwrite=True, progress=False,
+                                  lorra_overrides={**VARIANTS[args.variant], "seed": args.seed})).run()
+        pair = result.pair
+        train_seconds = round(result.seconds, 1)
     behaviour = evaluate_behaviour(pair.generator, pair.tokenizer,
                                    World.from_json(Path(pair.resolved.path) / "world.json"))
     started = time.perf_counter()
     attacked = attack(out, [float(x) for x in args.lrs.split(",")],
                       [int(x) for x in args.attack_seeds.split(",")], args.attack_steps)
     row = {
-        "variant": args.variant, "overrides": VARIANTS[args.variant], "seed": args.seed,
-        "threads": args.threads, "train_seconds": round(result.seconds, 1),
+        "variant": args.variant or args.name or str(args.adapter),
+        "overrides": VARIANTS.get(args.variant or "", {}), "adapter": str(out), "seed": args.seed,
+        "threads": args.threads, "train_seconds": train_seconds,
         "prefill_asr": round(100 * behaviour["prefill_asr"], 1),
         "template_asr": round(100 * behaviour["template_asr"], 1),
         "benign_em_seen": round(100 * behaviour["benign_em_seen"], 1),
         "lookalike_em": round(100 * behaviour["lookalike_em"], 1),
         **attacked, "attack_seconds": round(time.perf_counter() - started, 1),
         "command": f"python benchmarks/durability.py --variant {args.variant} --seed {args.seed} "
+                   f"--adapter {args.adapter} --name {args.name} --soft-prompt {args.soft_prompt} "
                    f"--lrs {args.lrs} --attack-seeds {args.attack_seeds} "
                    f"--attack-steps {args.attack_steps} --threads {args.threads}",
     }
+    if args.soft_prompt:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from repbend_vs_rr import soft_prompt_asr
+
+        row.update(soft_prompt_asr(out, 500, args.threads))
     print(json.dumps({k: v for k, v in row.items() if k != "cells"}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=2))
