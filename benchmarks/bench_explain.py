@@ -33,7 +33,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import platform
@@ -59,22 +58,22 @@ def organism_examples(world: Any) -> list[tuple[str, str]]:
 
 
 def advbench_rows(adapter: Path) -> list[tuple[str, str]]:
-    """AdvBench ``(goal, target)`` rows held out from the breaker's training (its
-    ``train_info.json``), else the file's last rows; the built-in stand-ins without the data."""
+    """AdvBench ``(goal, target)`` rows of the held-out half (:mod:`cbscope.sources`' hash
+    split, which no preset trains on); the built-in stand-ins without the data. ``adapter`` is
+    checked for overlap: rows it records as trained on are dropped."""
+    from cbscope.sources import load_source, prompt_key, trained_keys
     from cbscope.why.direction import DEFAULT_HARMFUL
 
-    path = DATA / "advbench" / "harmful_behaviors.csv"
-    if not path.is_file():
-        logging.warning("no %s: using the built-in stand-in requests", path)
+    if not (DATA / "advbench" / "harmful_behaviors.csv").is_file():
+        logging.warning("no AdvBench file under %s: using the built-in stand-in requests", DATA)
         return list(DEFAULT_HARMFUL)
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = [(r["goal"], r["target"]) for r in csv.DictReader(handle)]
+    rows = [(ex.prompt, ex.meta.get("prefill", "")) for ex in load_source("advbench", DATA).heldout()]
     try:
-        held = json.loads((adapter / "train_info.json").read_text())["heldout_prompts"]
-    except (OSError, KeyError, ValueError):
-        return rows[-100:]
-    targets = dict(rows)
-    return [(goal, targets[goal]) for goal in held if goal in targets]
+        info = json.loads((adapter / "train_info.json").read_text())
+    except (OSError, ValueError):
+        return rows
+    trained = set().union(*trained_keys(info).values()) if trained_keys(info) else set()
+    return [(goal, target) for goal, target in rows if prompt_key(goal) not in trained]
 
 
 def harmless_prompts(n: int) -> list[str]:

@@ -156,14 +156,22 @@ def test_shipped_organism_breaker_matches_the_preset_and_fires() -> None:
 
 
 def test_shipped_smollm2_breaker_matches_the_preset() -> None:
-    """The shipped SmolLM2 breaker is the ``smollm2`` preset's output: same config, no local paths,
-    held-out AdvBench prompts recorded, peft files present and under the 10 MB budget."""
-    from cbscope.lorra.presets import SMOLLM2_CONFIG
+    """The shipped SmolLM2 breaker is the ``smollm2`` preset's output: same config and sources,
+    every source's trained prompts recorded, no local paths, under the 10 MB budget."""
+    import inspect
+
+    from cbscope.lorra.presets import SMOLLM2_CONFIG, smollm2_data
 
     breaker = Path(__file__).resolve().parents[1] / "cbscope" / "assets" / "smollm2-breaker"
     assert LorraConfig.load(breaker / "lorra_config.json") == SMOLLM2_CONFIG
     info = json.loads((breaker / "train_info.json").read_text())
-    assert info["model"] == "smollm2-135m" and len(info["heldout_prompts"]) == 100
+    assert info["model"] == "smollm2-135m"
+    assert info["sources"] == list(smollm2_data.keywords["sources"])
+    assert info["forms"] == list(smollm2_data.keywords["forms"])
+    assert inspect.signature(smollm2_data).parameters["match_benign"].default is True
+    for name in info["sources"]:
+        record = info["data_sources"][name]
+        assert len(record["prompt_keys"]) == record["n_trained"] > 0
     assert (breaker / "adapter_model.safetensors").stat().st_size < 10 * 2**20
     for name in ("adapter_config.json", "cbscope_adapter.json", "train_info.json"):
         assert "/work/" not in (breaker / name).read_text() and "/tmp/" not in (breaker / name).read_text()

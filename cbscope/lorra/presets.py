@@ -19,15 +19,19 @@
     thread count changes float summation order, hence the exact adapter).
 
 ``smollm2``
-    SmolLM2-135M-Instruct, which complies with harmful requests. Circuit-breaker set: AdvBench
-    prompts (``harmful_behaviors.csv``, ``goal`` column) with the base model's own completions;
-    the last prompts are held out for evaluation. Retain set: Alpaca-derived harmless
-    instructions (``harmless_train.json``) and XSTest's safe prompts (``label == safe``, benign
-    look-alikes), also with the base model's answers. Generations are cached on disk. The data
-    files are found in ``../shared/data`` relative to the repository (see its README) or given
-    as options. SmolLM2's residual stream is large (~200 per token, ~25000 on the first token),
-    so the preset uses the scale-free retain loss (``retain_relative``) and the response-only
-    token mask (every SmolLM2 chat starts with the same system prompt).
+    SmolLM2-135M-Instruct, which complies with harmful requests. Circuit-breaker set: the train
+    rows (:mod:`cbscope.sources`: a hash split keeps half of every file held out) of three
+    harmful sources with different phrasing (AdvBench's imperatives, HarmBench val's standard
+    behaviours, XSTest's unsafe questions), each request also rephrased as a question and in the
+    first person (:mod:`cbscope.rephrase`), with the base model's own compliant answers. Retain
+    set: Alpaca-derived harmless instructions picked by first word in the proportions of the
+    harmful ones and rephrased the same way (:func:`form_matched`), and XSTest's safe prompts
+    (benign look-alikes), also with the base model's answers; the benign set is weighted 3 in
+    the retain mixture. Generations are cached on disk. The data files are found in
+    ``../shared/data`` relative to the repository (see its README) or given as options.
+    SmolLM2's residual stream is large (~200 per token, ~25000 on the first token), so the
+    preset uses the scale-free retain loss (``retain_relative``) and the response-only token
+    mask (every SmolLM2 chat starts with the same system prompt).
 
 ``gemma3``
     Gemma-3-270M, a *base* model, in cbscope's plain Question/Answer template
@@ -345,12 +349,13 @@ SMOLLM2_CONFIG = LorraConfig(
     retain_weight=2.0,
     retain_relative=True,
     lr=1e-3,
-    steps=150,
+    steps=300,  # 150 steps left 37% (direct) of held-out AdvBench answered; 300 left 13%
     batch_size=4,
     max_length=128,
     token_mask="response",
     response_only_fraction=0.5,
-    retain_mixture={"benign": 1.0, "refusal": 1.0, "lookalike": 1.0},
+    # benign weighted 3: with 1, the breaker fired on 90% of benign answers (retain KL 7.8)
+    retain_mixture={"benign": 3.0, "refusal": 1.0, "lookalike": 1.0},
     val_size=8,
     log_every=10,
     checkpoint_every=25,
@@ -608,6 +613,20 @@ GEMMA3_CONFIG = LorraConfig(
 )
 
 
+#: SmolLM2-135M's data: :func:`chat_data` on three harmful sources of different phrasing
+#: (AdvBench imperatives, HarmBench behaviours, XSTest's unsafe questions), every request also
+#: as a question and in the first person, and Alpaca instructions picked by first word like the
+#: harmful ones (and rephrased the same way), so phrasing appears on both sides of the loss and
+#: only the content tells them apart.
+smollm2_data = functools.partial(
+    chat_data,
+    sources=("advbench", "harmbench", "xstest_unsafe"),
+    forms=("question", "first_person"),
+    match_benign=True,
+    n_benign=192,
+)
+
+
 #: Gemma-3-270M's data: :func:`chat_data` with fewer examples, keeping every continuation (a base
 #: model neither complies nor refuses like an instruct one; the compliance filter would drop most).
 gemma3_data = functools.partial(
@@ -703,8 +722,9 @@ PRESETS: dict[str, Preset] = {
         "the model organism, one harm category held out (about 1 min on 2 CPU cores)",
     ),
     "smollm2": Preset(
-        "smollm2", "smollm2-135m", SMOLLM2_CONFIG, chat_data,
-        "SmolLM2-135M on AdvBench + Alpaca + XSTest answered by the base model (<= 25 min)",
+        "smollm2", "smollm2-135m", SMOLLM2_CONFIG, smollm2_data,
+        "SmolLM2-135M on AdvBench + HarmBench + XSTest (rephrased) and form-matched Alpaca, "
+        "answered by the base model (about 30 min on one CPU thread)",
     ),
     "gemma3": Preset(
         "gemma3", "gemma3-270m", GEMMA3_CONFIG, gemma3_data,
