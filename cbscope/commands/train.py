@@ -145,6 +145,11 @@ def train(**values: Any) -> None:
     started = time.perf_counter()
     try:
         cfg = run_config_from_options(values, PARSERS)
+        if cfg.dry_run:
+            report = Runner(cfg).dry_run()
+            typer.echo(report.text())
+            typer.echo(json.dumps(report.to_dict()))
+            return
         result = Runner(cfg).run()
     except USER_ERRORS as err:
         raise fail(err) from err

@@ -1,7 +1,9 @@
 """``LorraConfig``: every knob of a circuit-breaker (LoRRA) run, saved as ``lorra_config.json``.
 
-Defaults mirror the paper and the official Llama-3 recipe (``lorra_circuit_breaker.py`` +
-``scripts/lorra_circuit_breaker_llama3_8b.sh``) unless noted.
+Defaults follow the paper and the official Llama-3 recipe (``lorra_circuit_breaker.py`` +
+``scripts/lorra_circuit_breaker_llama3_8b.sh``) where noted; where cbscope's default differs from
+the official code the field says so and why. ``recipe="official"`` follows the official code in
+every such place (:mod:`cbscope.lorra.official`); ``docs/recipe.md`` lists them all.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from typing import Any
 from cbscope.errors import ConfigError, MissingFileError
 from cbscope.io import atomic_write_json
 from cbscope.layers import LayerError, default_target_layers, validate_layers
+from cbscope.lorra.durability import DURABILITY
 from cbscope.lorra.losses import LOSSES
 from cbscope.models import DTYPES
 
 CONFIG_FILE = "lorra_config.json"
 TOKEN_MASKS = ("full", "response", "request", "content")
+RECIPES = ("cbscope", "official")
 RETAIN_SOURCES = ("benign", "refusal", "lookalike")
 CACHE_STORES = ("memory", "disk")
 CACHE_FILLS = ("upfront", "lazy")
@@ -107,20 +111,26 @@ class LorraConfig:
             model (:func:`cbscope.layers.default_target_layers`).
         lora_layers: Decoder *block* indices that get LoRA (peft ``layers_to_transform``).
             ``None``: blocks ``0 .. max(target_layers) - 1``, every block below the highest target
-            layer (the official code also adapts block ``max(target)``, which cannot change any
-            target representation).
+            layer. The official code also adapts block ``max(target)``: it cannot change a target
+            representation, but it does change the official retain term's final-norm state, so
+            ``recipe="official"`` adapts blocks ``0 .. max(target)``.
         lora_r: LoRA rank (16).
         lora_alpha: LoRA alpha (16).
         lora_dropout: LoRA dropout (0.05).
         lora_target_modules: Linear modules that get LoRA (attention and MLP projections).
-        lora_b_init_std: Std of the normal init of LoRA ``B``. peft zero-initialises ``B``, so
-            the adapted model starts *equal* to the frozen one: the cosine is at its maximum,
-            its gradient is exactly zero in fp32 and RR never moves. A small random ``B`` (1e-3)
-            breaks the tie; ``0`` keeps peft's init. Small models need more: the retain loss's
-            gradient has a constant size near zero while the cosine's vanishes, so with 1e-3 the
-            retain term pins the adapter at zero (the presets use 1e-2 / 3e-2).
+        lora_b_init_std: Std of the normal init of LoRA ``B`` (cbscope's default, not the
+            official code's). peft zero-initialises ``B`` (official), so the adapted model starts
+            *equal* to the frozen one: the cosine is at its maximum and the whole gradient is
+            zero in exact arithmetic; what is left is float rounding (``docs/recipe.md`` gives
+            the measured sizes), which in bf16, the official setting, is large enough for the
+            run to escape, late. A small random ``B`` (1e-3) breaks the tie; ``0`` keeps peft's
+            init. Small models need more: the retain loss's gradient has a constant size near
+            zero while the cosine's vanishes, so with 1e-3 the retain term pins the adapter at
+            zero (the presets use 1e-2 / 3e-2).
         lorra_alpha: ``alpha`` of the schedule ``c_s = alpha (1 - t/2T)``, ``c_r = alpha t/2T``
-            (paper: 10 for Llama-3, 5 for Mistral).
+            (paper: 10 for Llama-3, 5 for Mistral). The official code divides ``t`` by a fixed
+            300 instead of ``2T`` (the same only at ``T = 150``); cbscope scales it to the run so
+            that every run ends at ``c_s = c_r`` (``recipe="official"``: the 300).
         retain_weight: Extra factor on ``c_r`` (1 in the official code). The L2 retain term is in
             the units of the residual stream: a model with small representation norms (the
             organism) needs a larger factor to keep retain examples as firmly as a 7B model does.
@@ -144,14 +154,46 @@ class LorraConfig:
             mask per retain source (``{"refusal": "response"}``; unnamed sources use ``"full"``).
         response_only_fraction: Fraction of circuit-breaker examples whose request is dropped
             (an empty user turn), so the breaker also fires on a harmful response with no
-            harmful request (the official Llama-3 data does this for half of them).
+            harmful request (the official Llama-3 data does this for half of them). cbscope
+            draws the flag anew each time an example is used; ``recipe="official"`` draws it
+            once per example, as the official dataset does.
+        retain_response_only_fraction: The same for chat retain examples (the official
+            Llama-3 data drops the request of half of its retain examples too; cbscope's
+            default keeps every request, 0).
         retain_mixture: Sampling weights of the retain sources ``benign`` (ordinary chat),
             ``refusal`` (harmful requests answered with refusals) and ``lookalike`` (benign
             requests that sound harmful); sources without data are skipped.
-        retain_layers: ``"all"``: the retain loss covers layers ``1 .. max(target)`` (official);
-            ``"target"``: only the target layers.
-        loss: ``"rr"`` (Representation Rerouting), ``"rmu"``, ``"random_norm"`` or
-            ``"refusal_direction"`` (see :mod:`cbscope.lorra.losses`).
+        retain_layers: ``"all"``: the retain loss covers paper layers ``1 .. max(target)``;
+            ``"target"``: only the target layers. Neither is the official code's: it also counts
+            the embedding output and the final-norm state of layer ``max(target) + 1``, and
+            divides by every position, padding included (``recipe="official"``).
+        loss: ``"rr"`` (Representation Rerouting), ``"rmu"``, ``"random_norm"``,
+            ``"refusal_direction"`` or ``"repbend"`` (RepBend; see :mod:`cbscope.lorra.losses`).
+        repbend_unsafe: RepBend's weight (beta) on the L2 push of the circuit-breaker
+            representations away from the frozen ones (subtracted from the loss).
+        repbend_cohesion: RepBend's weight (gamma) on the cohesion term: ``1 - cos`` between
+            the adapted representations of different circuit-breaker examples at their last
+            request token.
+        repbend_kl: RepBend's weight (epsilon) on the KL divergence of the retain rows' next-token
+            distributions (temperature 2) from the frozen model's.
+        repbend_pull: RepBend's weight (eta) on the pull of a harmful request's adapted states
+            toward the frozen states of the same request answered with its refusal (from the
+            ``refusal`` retain source), over ``repbend_pull_tokens`` positions from the last
+            request token.
+        repbend_pull_tokens: Positions the pull term covers.
+        durability: ``"none"``, ``"tar"`` (simulate harmful fine-tuning inside each step and
+            penalise the circuit-breaker cosine it recovers) or ``"repnoise"`` (pull the
+            circuit-breaker representations toward Gaussian noise); see
+            :mod:`cbscope.lorra.durability`.
+        durability_weight: Weight of the durability term.
+        durability_steps: Simulated fine-tuning steps per training step (``tar``).
+        durability_lr: Size of each simulated step (``tar``: ``lr * sign(gradient)``).
+        recipe: ``"cbscope"`` (default) or ``"official"``: follow the official code in every
+            place that changes the numbers (:mod:`cbscope.lorra.official`: the retain term over
+            every hidden state of the truncated model with denominators that count padding, the
+            schedule divisor 300, LoRA on block ``max(target)``, fixed-length left padding,
+            per-example request dropping). Needs ``token_mask`` and ``retain_token_mask`` "full",
+            ``steps < 300``, ``loss="rr"``, one process.
         rmu_scale: ``c`` of the ``rmu`` loss; ``None``: per layer, the frozen model's mean token
             norm on the circuit-breaker set.
         val_size: Held-out circuit-breaker examples for ``val_cos`` (taken from the end of the
@@ -210,9 +252,20 @@ class LorraConfig:
     retain_mixture: dict[str, float] = field(
         default_factory=lambda: {"benign": 1.0, "refusal": 1.0, "lookalike": 1.0}
     )
+    retain_response_only_fraction: float = 0.0
     retain_layers: str = "all"
     loss: str = "rr"
     rmu_scale: float | None = None
+    repbend_unsafe: float = 0.1
+    repbend_cohesion: float = 0.5
+    repbend_kl: float = 1.0
+    repbend_pull: float = 0.5
+    repbend_pull_tokens: int = 8
+    durability: str = "none"
+    durability_weight: float = 1.0
+    durability_steps: int = 2
+    durability_lr: float = 1e-3
+    recipe: str = "cbscope"
     val_size: int = 8
     seed: int = 42
     log_every: int = 10
@@ -258,6 +311,17 @@ class LorraConfig:
             (self.rmu_scale is None or self.rmu_scale > 0,
              f"rmu_scale must be > 0 (or null), not {self.rmu_scale}"),
             (0.0 <= self.response_only_fraction <= 1.0, "response_only_fraction must be in [0, 1]"),
+            (0.0 <= self.retain_response_only_fraction <= 1.0,
+             "retain_response_only_fraction must be in [0, 1]"),
+            (all(w >= 0 for w in (self.repbend_unsafe, self.repbend_cohesion, self.repbend_kl,
+                                  self.repbend_pull)), "the repbend_* weights must be >= 0"),
+            (self.repbend_pull_tokens >= 1, "repbend_pull_tokens must be >= 1"),
+            (self.recipe in RECIPES, f"recipe must be one of {RECIPES}, not {self.recipe!r}"),
+            (self.durability in DURABILITY,
+             f"durability must be one of {DURABILITY}, not {self.durability!r}"),
+            (self.durability_weight >= 0, "durability_weight must be >= 0"),
+            (self.durability_steps >= 1, "durability_steps must be >= 1"),
+            (self.durability_lr > 0, "durability_lr must be > 0"),
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.val_size >= 0, "val_size must be >= 0"),
@@ -279,7 +343,29 @@ class LorraConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.recipe == "official":
+            self._check_official()
         return self
+
+    def _check_official(self) -> None:
+        """What ``recipe="official"`` needs (the official code has no other choice)."""
+        from cbscope.lorra.official import SCHEDULE_DIVISOR
+
+        if self.steps >= SCHEDULE_DIVISOR:
+            raise ConfigError(
+                f"recipe 'official' runs at most {SCHEDULE_DIVISOR - 1} steps, not {self.steps}: "
+                f"the official schedule divides by {SCHEDULE_DIVISOR}, and from step "
+                f"{SCHEDULE_DIVISOR} on its circuit-breaker coefficient is <= 0, the term is "
+                "never computed and the official code fails"
+            )
+        if self.token_mask != "full" or self.retain_masks() != {s: "full" for s in RETAIN_SOURCES}:
+            raise ConfigError("recipe 'official' covers every real token (the attention mask): "
+                              "token_mask and retain_token_mask must be 'full'")
+        if self.loss != "rr" or self.durability != "none":
+            raise ConfigError(f"recipe 'official' is the official RR loss; loss must be 'rr', "
+                              f"not {self.loss!r}, and durability 'none'")
+        if (self.cb_max_length or self.max_length) < 2:
+            raise ConfigError("recipe 'official' needs cb_max_length >= 2 (request + response)")
 
     def retain_masks(self) -> dict[str, str]:
         """The token mask of each retain source."""
@@ -295,7 +381,8 @@ class LorraConfig:
     def resolved_lora_layers(self, n_layers: int) -> list[int]:
         """Block indices that get LoRA (validated against the model's depth)."""
         if self.lora_layers is None:
-            return list(range(max(self.resolved_target_layers(n_layers))))
+            top = max(self.resolved_target_layers(n_layers))
+            return list(range(min(top + 1, n_layers) if self.recipe == "official" else top))
         blocks = sorted(set(int(b) for b in self.lora_layers))
         bad = [b for b in blocks if not 0 <= b < n_layers]
         if bad or not blocks:
@@ -307,6 +394,15 @@ class LorraConfig:
     def resolved_retain_layers(self, n_layers: int) -> list[int]:
         """Paper layers the retain loss covers."""
         targets = self.resolved_target_layers(n_layers)
+        if self.recipe == "official":
+            top = max(targets)
+            if top + 1 > n_layers:
+                raise LayerError(
+                    f"recipe 'official' reads the final-norm state of layer {top + 1} (the "
+                    f"official code truncates the model after block {top}), but the model has "
+                    f"{n_layers} blocks: use target layers below {n_layers}"
+                )
+            return list(range(1, top + 2))
         if self.retain_layers == "target":
             return targets
         return list(range(1, max(targets) + 1))

@@ -460,6 +460,8 @@ class Batch:
     cb_mask: Int[Tensor, "cb pos"]
     retain_mask: Int[Tensor, "retain pos"]
     n_cb: int
+    cb_request_end: Tensor | None = None  # per circuit-breaker row: its last request token
+    pull: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 def collate(
@@ -479,6 +481,8 @@ def collate(
         token_mask(cb, width, cb_mode),
         token_mask(retain, width, retain_mode),
         len(cb),
+        # each circuit-breaker row's last request token (its first token when it has no request)
+        torch.tensor([max(ex.response_start - 1, 0) for ex in cb], dtype=torch.long),
     )
 
 
@@ -514,12 +518,28 @@ def make_plan(
     weights = [config.retain_mixture[s] for s in sources]
     cb_stream = _cycle(n_cb, rng)
     streams = {s: _cycle(retain_sizes[s], rng) for s in sources}
+    official = config.recipe == "official"
+    retain_fraction = config.retain_response_only_fraction
+    if official:  # one flag per example, drawn once (the official dataset's switch)
+        fixed = random.Random(f"lorra-official-drop-{config.seed}")
+        cb_flags = [int(fixed.random() < config.response_only_fraction) for _ in range(n_cb)]
+        retain_flags = {s: [int(fixed.random() < retain_fraction)
+                            for _ in range(retain_sizes[s])] for s in sources}
     plan = []
     for _ in range(config.steps):
         cb = [next(cb_stream) for _ in range(config.batch_size)]
-        dropped = [int(rng.random() < config.response_only_fraction) for _ in cb]
+        if official:
+            dropped = [cb_flags[i] for i in cb]
+        else:
+            dropped = [int(rng.random() < config.response_only_fraction) for _ in cb]
         picks = rng.choices(sources, weights=weights, k=config.batch_size)
-        plan.append({"cb": cb, "drop": dropped, "retain": [[s, next(streams[s])] for s in picks]})
+        retain = [[s, next(streams[s])] for s in picks]
+        entry = {"cb": cb, "drop": dropped, "retain": retain}
+        if official:
+            entry["retain_drop"] = [retain_flags[s][i] for s, i in retain]
+        elif retain_fraction > 0:  # only then: plans of earlier runs stay the same
+            entry["retain_drop"] = [int(rng.random() < retain_fraction) for _ in retain]
+        plan.append(entry)
     return plan
 
 
@@ -530,6 +550,12 @@ class EncodedData:
         self.config = config
         self.pad_id = pad_id_of(tokenizer)
         cb_len = config.cb_max_length or config.max_length
+        self.official = config.recipe == "official"
+        if self.official and getattr(tokenizer, "eos_token_id", None) is not None:
+            self.pad_id = int(tokenizer.eos_token_id)  # the official code pads with <eos>
+        # the official layout truncates request and response on their own, when batching
+        cb_encode_len: int | None = None if self.official else cb_len
+        retain_len: int | None = None if self.official else config.max_length
 
         def encoded(rows: Sequence[ChatExample], what: str, length: int, **kwargs: Any) -> list[EncodedExample]:
             out = []
@@ -541,15 +567,26 @@ class EncodedData:
                                        f"model's chat template: {err}") from err
             return out
 
-        self.cb = encoded(data.cb, "circuit-breaker", cb_len)
-        dropped = (encoded(data.cb, "circuit-breaker", cb_len, drop_request=True)
+        self.cb = encoded(data.cb, "circuit-breaker", cb_encode_len)  # type: ignore[arg-type]
+        dropped = (encoded(data.cb, "circuit-breaker", cb_encode_len,  # type: ignore[arg-type]
+                           drop_request=True)
                    if config.response_only_fraction > 0 else [None] * len(data.cb))
         self.cb_dropped = list(dropped)
         self.retain = {
-            name: encoded(rows, f"retain {name}", config.max_length)
+            name: encoded(rows, f"retain {name}", retain_len)  # type: ignore[arg-type]
             for name, rows in data.retain.items()
         }
+        self.retain_dropped = {
+            name: encoded(rows, f"retain {name}", retain_len,  # type: ignore[arg-type]
+                          drop_request=True)
+            for name, rows in data.retain.items()
+        } if config.retain_response_only_fraction > 0 else {}
         self.val = encoded(data.val, "validation", cb_len)
+        self.partners: list[int | None] = []
+        if config.loss == "repbend":
+            from cbscope.lorra.repbend import refusal_partners
+
+            self.partners = refusal_partners(data.cb, data.retain.get("refusal", []))
 
     def fingerprint(self) -> str:
         """Hash of every encoded token (a resumed run must see the same data)."""
@@ -571,17 +608,37 @@ class EncodedData:
             self.cb_dropped[i] if drop else self.cb[i]  # type: ignore[misc]
             for i, drop in zip(entry["cb"], entry["drop"], strict=True)
         ]
-        return cb, [self.retain[source][index] for source, index in entry["retain"]]
+        drops = entry.get("retain_drop") or [0] * len(entry["retain"])
+        retain = [
+            self.retain_dropped[source][index] if drop else self.retain[source][index]
+            for (source, index), drop in zip(entry["retain"], drops, strict=True)
+        ]
+        return cb, retain
 
     def batch(self, entry: Mapping[str, Any]) -> Batch:
         """The batch of one plan entry."""
         cb, retain = self.rows(entry)
+        if self.config.recipe == "official":
+            from cbscope.lorra.official import official_collate
+
+            return official_collate(cb, retain, self.pad_id,  # type: ignore[return-value]
+                                    cb_length=self.config.cb_max_length or self.config.max_length,
+                                    retain_length=self.config.max_length)
         masks = self.config.retain_masks()
-        return collate(
+        batch = collate(
             cb, retain, self.pad_id,
             cb_mode=self.config.token_mask,
             retain_mode=[masks[source] for source, _ in entry["retain"]],
         )
+        if getattr(self, "partners", None) and any(p is not None for p in self.partners):
+            from cbscope.lorra.repbend import pull_rows, with_partners
+
+            refusals = self.retain.get("refusal", [])
+            partners = [None if p is None else refusals[p]
+                        for p in with_partners(entry, self.partners)]
+            batch.pull = pull_rows(cb, partners, batch.input_ids.shape[1], self.pad_id,
+                                   self.config.repbend_pull_tokens)
+        return batch
 
     def batches(self, examples: Sequence[EncodedExample], mode: str) -> list[tuple[Tensor, Tensor, Tensor]]:
         """``(ids, attention, loss mask)`` chunks of ``batch_size`` examples (for evaluation)."""

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from cbscope.data import DatasetError
 from cbscope.errors import NonFiniteLossError, ResumeError
-from cbscope.lorra import losses
+from cbscope.lorra import durability, losses, official, repbend
 from cbscope.lorra.checkpoint import (
     BAD,
     CHECKPOINT_DIR,
@@ -272,7 +272,7 @@ def _frozen_reps(pair: Any, chunks: Sequence[tuple[Tensor, Tensor, Tensor]], lay
 
 def loss_targets(pair: Any, config: LorraConfig, encoded: EncodedData, layers: list[int]) -> dict[str, Tensor]:
     """Fixed targets of the ``rmu`` / ``random_norm`` / ``refusal_direction`` losses."""
-    if config.loss == "rr":
+    if config.loss in ("rr", "repbend"):
         return {}
     generator = torch.Generator().manual_seed(config.seed + 1)
     if config.loss in ("rmu", "random_norm"):
@@ -431,6 +431,12 @@ def train_loop(
     work = Path(work_dir) if work_dir is not None else None
     ctx = distributed_context()
     main = ctx is None or ctx.is_main
+    if ctx is not None and config.recipe == "official":
+        raise ConfigError("recipe 'official' runs in one process (its retain denominator counts "
+                          "the whole batch's padding); start it without accelerate launch")
+    if ctx is not None and (config.loss == "repbend" or config.durability != "none"):
+        raise ConfigError("loss 'repbend' and the durability terms run in one process (they "
+                          "pair rows of the whole batch); start it without accelerate launch")
     targets = config.resolved_target_layers(pair.n_layers)
     retain_layers = config.resolved_retain_layers(pair.n_layers)
     encoded = EncodedData(data, pair.tokenizer, config)
@@ -584,6 +590,11 @@ def _frozen_setup(
     if not config.cache_frozen:
         info["frozen_cache"] = {"used": False, "why": "cache_frozen is off"}
         return None
+    if config.recipe == "official" or config.loss == "repbend":
+        # these steps run their own frozen pass (fixed-length left padding; RepBend's pairs)
+        why = ("the official recipe" if config.recipe == "official" else "loss repbend")
+        info["frozen_cache"] = {"used": False, "why": f"{why} computes its own frozen pass"}
+        return None
     tick = time.perf_counter()
     cache = cache if cache is not None else FrozenCache(config.cache_store)
     reps = FrozenReps(cache, pair, setup.targets, setup.retain_layers,
@@ -673,9 +684,16 @@ def _train_step(
         cb_mask, retain_mask, c_s, c_r = t["cb_mask"], t["retain_mask"], t["c_s"], t["c_r"]
         cb_loss, retain_loss = t["cb_loss"], t["retain_loss"]
         loss = c_s * cb_loss + c_r * retain_loss
+        extra = dict(t.get("extra", {}))
+        if config.durability == "repnoise":
+            extra["durability"] = durability.noise_loss(cb_orig, cb_broken, cb_mask)
+            loss = loss + config.durability_weight * extra["durability"]
         _guard(step, loss.item(), cb_loss.item(), retain_loss.item(), limit)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if config.durability == "tar":
+            extra["durability"] = torch.tensor(
+                durability.tar_gradient(pair, config, batch, setup.targets, cb_orig.detach()))
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(pair.lora_parameters(), config.max_grad_norm)
         optimizer.step()
@@ -690,6 +708,7 @@ def _train_step(
             "retain_cos": losses.mean_cosine(*t["retain_at_targets"](), retain_mask),
             "cb_norm_orig": losses.mean_norm(cb_orig, cb_mask),
             "cb_norm_cb": losses.mean_norm(cb_broken, cb_mask),
+            **{name: float(value.detach()) for name, value in extra.items()},
         }
     finally:
         pair.set_training(False)  # only after backward: checkpointed blocks recompute in training mode
@@ -751,6 +770,10 @@ def _step_terms(
     the backward pass replays the adapted forward of each block, which must run with the same
     (LoRA dropout) mode; the caller switches back to ``eval()`` after ``backward``.
     """
+    if config.recipe == "official":
+        return official.official_step_terms(pair, config, batch, step, setup.targets)
+    if config.loss == "repbend":
+        return repbend.repbend_step_terms(pair, config, batch, setup)
     device = pair.device
     ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
     cb_mask, retain_mask = batch.cb_mask.to(device), batch.retain_mask.to(device)

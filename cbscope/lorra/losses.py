@@ -1,4 +1,9 @@
-r"""LoRRA losses (Representation Rerouting and variants), exact to the official implementation.
+r"""LoRRA losses (Representation Rerouting and variants).
+
+The circuit-breaker term and the cosine are computed exactly as the official code computes them.
+cbscope's retain term and schedule are *not* the official code's (below; ``docs/recipe.md`` lists
+every difference); ``LorraConfig.recipe = "official"`` uses the official ones
+(:mod:`cbscope.lorra.official`).
 
 Notation: ``h^o_{l,b,p}`` is the frozen (adapters off) representation and ``h^c_{l,b,p}`` the
 circuit-broken (adapters on) one, at paper layer ``l``, batch row ``b``, position ``p``, read at
@@ -15,18 +20,31 @@ Retain loss::
 
     L_retain = sum_{l,b,p} |h^c_{l,b,p} - h^o_{l,b,p}|_2 m_{b,p} / (|L| * sum_{b,p} m_{b,p})
 
-over layers ``1 .. max(target)`` (the official code) or the target layers only. With
+over paper layers ``1 .. max(target)`` (``retain_layers="all"``) or the target layers only. With
 ``LorraConfig.retain_relative`` (not in the official code) each distance is divided by
 ``|h^o_{l,b,p}|``, which makes the term scale-free: a model whose residual stream is large, or
 has attention-sink tokens with huge norms (SmolLM2's first token: ~25000 against ~200), no
-longer lets those tokens dominate. (The official
-code takes ``nanmean`` over every position of the masked, stacked hidden states, so its
-denominator also counts padded positions and the embedding layer, whose difference is zero:
-the same loss up to a batch-dependent constant factor. cbscope averages over real tokens only.)
+longer lets those tokens dominate.
 
-Schedule (paper Algorithm 1; the official code divides the step by twice the step count)::
+This is not the official retain term. The official code takes the ``nanmean`` over every hidden
+state of the model truncated after block ``max(target)``: the embedding output (difference
+zero), layers ``1 .. max(target)`` and the *final-norm* output of block ``max(target)``, whose
+difference is not zero (LoRA adapts that block too); and its denominator counts every padded
+position of rows left padded to 1024 tokens. So it is not a constant multiple of cbscope's
+term: on a random 6-block Llama with targets 2 and 4 (``benchmarks/official_recipe.py``) the
+official retain loss was 0.6989 against cbscope's 0.1271 on the same weights and rows, and the
+whole-step gradients had cosine 0.9967. cbscope averages over real
+tokens at layers whose representations the breaker is meant to keep, so the term's weight does
+not depend on how much padding a batch has; ``recipe="official"`` reproduces the official one.
+
+Schedule (paper Algorithm 1)::
 
     c_s(t) = alpha * (1 - t' / 2T)        c_r(t) = alpha * t' / 2T       t' = min(max(t, 0), T)
+
+The official code divides by a hard-coded 300 instead of ``2T`` (the same at its ``T = 150``):
+with another ``T`` its schedule is not this one, and from step 300 on it computes no
+circuit-breaker term (``recipe="official"`` uses it and refuses ``steps >= 300``). cbscope
+scales the schedule to the run's own length so that every run ends at ``c_s = c_r``.
 
 Variants of the circuit-breaker term (``LorraConfig.loss``), each a masked mean over tokens and
 layers like ``L_cb``:
@@ -40,7 +58,18 @@ layers like ``L_cb``:
   the retain set's refusals at layer ``l`` (a semantically meaningful target, the paper's future
   work); the broken representation is rerouted toward "refusing".
 
+* ``repbend``: RepBend (:mod:`cbscope.lorra.repbend`): an L2 push of the circuit-breaker
+  representations away from the frozen ones (:func:`retain_loss`'s distance, subtracted),
+  :func:`cohesion_loss`, :func:`kl_loss` on the retain rows' logits and :func:`pull_loss` toward
+  the frozen states of the same request answered with a refusal, each with its own weight.
+
 The direction losses equal ``sqrt(2 - 2 cos(h^c, u_l))``: zero when aligned, 2 when opposite.
+
+RepBend's terms::
+
+    L_cohesion = mean_l mean_{i != j} (1 - cos(x_{l,i}, x_{l,j}))      (x: one state per row)
+    L_kl       = sum_{b,p} T^2 KL(softmax(z^o_{b,p}/T) || softmax(z^c_{b,p}/T)) m_{b,p} / sum m
+    L_pull     = sum_{l,b,p} |h^c_{l,b,p} - g_{l,b,p}|_2 m_{b,p} / (|L| sum m)   (g: frozen target)
 """
 
 from __future__ import annotations
@@ -51,7 +80,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-LOSSES = ("rr", "rmu", "random_norm", "refusal_direction")
+LOSSES = ("rr", "rmu", "random_norm", "refusal_direction", "repbend")
+KL_TEMPERATURE = 2.0
 
 Reps = Float[Tensor, "layer batch pos d_model"]
 Mask = Float[Tensor, "batch pos"]
@@ -155,3 +185,32 @@ def mean_norm(reps: Reps, mask: Mask) -> float:
     """Masked mean token norm, a logging metric."""
     with torch.no_grad():
         return float(masked_mean(torch.linalg.vector_norm(reps.float(), dim=-1), mask))
+
+
+def cohesion_loss(points: Float[Tensor, "layer batch d_model"]) -> Tensor:
+    """RepBend's cohesion: per layer, the mean over pairs ``i != j`` of ``1 - cos(x_i, x_j)``,
+    averaged over layers (0 with fewer than two rows)."""
+    if points.shape[1] < 2:
+        return points.sum() * 0.0
+    unit = points / torch.linalg.vector_norm(points, dim=-1, keepdim=True, dtype=torch.float)
+    cosines = unit @ unit.transpose(-1, -2)
+    n = points.shape[1]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=points.device)
+    return (1.0 - cosines[:, off_diagonal]).mean()
+
+
+def kl_loss(
+    orig_logits: Float[Tensor, "batch pos vocab"], broken_logits: Float[Tensor, "batch pos vocab"],
+    mask: Mask, *, temperature: float = KL_TEMPERATURE,
+) -> Tensor:
+    """Masked token mean of ``T^2 KL(softmax(orig/T) || softmax(broken/T))``."""
+    log_p = torch.log_softmax(orig_logits.float() / temperature, dim=-1)
+    log_q = torch.log_softmax(broken_logits.float() / temperature, dim=-1)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(dim=-1) * temperature**2
+    return masked_mean(per_token.unsqueeze(0), mask)
+
+
+def pull_loss(broken: Reps, target: Reps, mask: Mask) -> Tensor:
+    """Masked mean of ``|broken - target|_2`` (RepBend's pull toward a frozen target state)."""
+    distance = torch.linalg.vector_norm(broken - target, dim=-1, dtype=torch.float)
+    return masked_mean(distance, mask)

@@ -638,6 +638,88 @@ gemma3_data = functools.partial(
 )
 
 
+#: The organism under the official recipe (:mod:`cbscope.lorra.official`): B = 0 in bf16, the
+#: official retain term, schedule divisor 300, fixed-length left padding, half of the requests
+#: dropped (circuit-breaker and retain), targets 2 and 4 (the paper's 10 and 20 of 32, scaled to
+#: the organism's 6 blocks, leaving block 5 for the truncation). The learning rate stays the
+#: organism's: 1e-4 (the paper's, for 7-8B models) barely moves a 1M-parameter model in 150 steps.
+OFFICIAL_ORGANISM_CONFIG = replace(
+    ORGANISM_CONFIG,
+    target_layers=[2, 4],
+    lora_b_init_std=0.0,
+    lorra_alpha=10.0,
+    retain_weight=1.0,
+    steps=150,
+    max_length=64,
+    cb_max_length=64,
+    response_only_fraction=0.5,
+    retain_response_only_fraction=0.5,
+    recipe="official",
+    dtype="bfloat16",
+)
+
+
+def _paper_config(lorra_alpha: float) -> LorraConfig:
+    """The official 7-8B hyperparameters (``scripts/lorra_circuit_breaker_*.sh``)."""
+    return LorraConfig(
+        target_layers=[10, 20],
+        lora_layers=None,  # official recipe: blocks 0 .. 20
+        lora_r=16,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        lora_b_init_std=0.0,
+        lorra_alpha=lorra_alpha,
+        retain_weight=1.0,
+        lr=1e-4,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        steps=150,
+        batch_size=16,
+        max_length=1024,
+        cb_max_length=1024,  # 512 request + 512 response
+        token_mask="full",
+        response_only_fraction=0.0,  # the reader drops requests once, as the official data does
+        retain_response_only_fraction=0.0,
+        retain_mixture={"benign": 1.0},  # the official retain set is one pool
+        val_size=0,  # no circuit-breaker example is held out; give val_file for val_cos
+        seed=42,
+        log_every=10,
+        checkpoint_every=50,
+        dtype="bfloat16",
+        gradient_checkpointing=True,
+        recipe="official",
+    )
+
+
+def _official_data(*args: Any, **kwargs: Any) -> LorraData:
+    from cbscope.lorra.official_data import official_data
+
+    return official_data(*args, **kwargs)
+
+
+def llama3_data(
+    pair: Any = None, *, cb_file: str | None = None, ultrachat: str | None = None,
+    xstest: str | None = None, val_file: str | None = None, num_examples: int = 10000,
+    seed: int = 0, **_: Any,
+) -> LorraData:
+    """The official Llama-3 data: refusal retain on, half of the requests dropped
+    (:func:`cbscope.lorra.official_data.official_data`)."""
+    return _official_data(pair, cb_file=cb_file, ultrachat=ultrachat, xstest=xstest,
+                          val_file=val_file, refusal_retain=True, drop=0.5,
+                          num_examples=num_examples, seed=seed)
+
+
+def mistral_data(
+    pair: Any = None, *, cb_file: str | None = None, ultrachat: str | None = None,
+    xstest: str | None = None, val_file: str | None = None, num_examples: int = 10000,
+    seed: int = 0, **_: Any,
+) -> LorraData:
+    """The official Mistral data: no refusal retain, every request kept."""
+    return _official_data(pair, cb_file=cb_file, ultrachat=ultrachat, xstest=xstest,
+                          val_file=val_file, refusal_retain=False, drop=0.0,
+                          num_examples=num_examples, seed=seed)
+
+
 PRESETS: dict[str, Preset] = {
     "organism": Preset(
         "organism", "organism", ORGANISM_CONFIG, organism_data,
@@ -651,6 +733,20 @@ PRESETS: dict[str, Preset] = {
     "gemma3": Preset(
         "gemma3", "gemma3-270m", GEMMA3_CONFIG, gemma3_data,
         "Gemma-3-270M (base) on AdvBench + Alpaca + XSTest continued by the base model",
+    ),
+    "official": Preset(
+        "official", "organism", OFFICIAL_ORGANISM_CONFIG, organism_data,
+        "the organism under the official recipe (recipe 'official', B = 0 in bf16)",
+    ),
+    "llama3-8b-rr": Preset(
+        "llama3-8b-rr", "meta-llama/Meta-Llama-3-8B-Instruct", _paper_config(10.0), llama3_data,
+        "the paper's Llama-3-8B-Instruct run (GPU; --model PATH, --data-options with the "
+        "official files)",
+    ),
+    "mistral-7b-rr": Preset(
+        "mistral-7b-rr", "mistralai/Mistral-7B-Instruct-v0.2", _paper_config(5.0), mistral_data,
+        "the paper's Mistral-7B-Instruct-v0.2 run (GPU; --model PATH, --data-options with the "
+        "official files)",
     ),
 }
 

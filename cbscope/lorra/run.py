@@ -75,7 +75,9 @@ class RunConfig:
             beside it and swaps that in only when the run has finished. None: train in memory.
         model: Model spec ('organism', 'smollm2-135m', 'gemma3-270m', a folder); default: the
             preset's.
-        preset: 'organism', 'smollm2' or 'gemma3': data and config of a ready-made run.
+        preset: 'organism', 'smollm2', 'gemma3', 'official' (the organism under the official
+            recipe), 'llama3-8b-rr' or 'mistral-7b-rr' (the paper's runs, official data files
+            via --data-options): data and config of a ready-made run.
         cb: Circuit-breaker set: JSONL prompt/response, or a CSV of prompts the base model
             answers.
         retain: Retain set: JSONL prompt/response (optional 'source': benign, refusal or
@@ -96,6 +98,8 @@ class RunConfig:
         restart: Start again from step 0: discard an interrupted run's checkpoints; with
             resume, start from step 0 when no checkpoint can be used.
         merge: Also write a merged HF model to OUT/merged.
+        dry_run: Check the data, print the plan and a memory estimate, and stop: no weights are
+            loaded and nothing is written (cbscope.lorra.dryrun).
         device: Torch device ('cuda' under accelerate launch: each process's own GPU).
         threads: Torch threads (0: torch's default; None: leave the current setting).
         progress: Show progress bars.
@@ -121,6 +125,7 @@ class RunConfig:
     overwrite: bool = False
     restart: bool = False
     merge: bool = False
+    dry_run: bool = False
     device: str = "cpu"
     threads: int | None = field(default=None, metadata={"cli": {"default": 1}})
     progress: bool = True
@@ -467,6 +472,12 @@ class Runner:
             inputs.append(Path(cfg.model))
         return plan_output(cfg, lorra, inputs)
 
+    def dry_run(self) -> Any:
+        """Check the run without loading weights (:func:`cbscope.lorra.dryrun.dry_run`)."""
+        from cbscope.lorra.dryrun import dry_run
+
+        return dry_run(self)
+
     def _model_spec(self) -> Any:
         if self.model is not None:
             return self.model
@@ -500,6 +511,8 @@ class Runner:
             CbscopeError: Bad input (before any work), a resume that cannot be done, or a loss
                 that became NaN, infinite or exploded (:class:`NonFiniteLossError`).
         """
+        if self.cfg.dry_run:
+            raise ConfigError("dry_run is set: call Runner.dry_run() (it trains nothing)")
         plan = self.plan()
         cfg, lorra = self.cfg, plan.lorra
         if cfg.threads:
