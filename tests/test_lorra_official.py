@@ -205,3 +205,6 @@ def test_official_preset_trains_the_organism_in_bf16(tiny_organism: Path, tmp_pa
     saved = LorraConfig.load(out)
     assert saved.recipe == "official" and saved.dtype == "bfloat16" and saved.lora_b_init_std == 0.0
     assert result.metrics[0]["c_r"] == pytest.approx(10.0 / 300)
+    # its step runs its own (left-padded) frozen pass, so no cache is built for it
+    assert result.info["frozen_cache"]["used"] is False
+    assert "official recipe" in result.info["frozen_cache"]["why"]

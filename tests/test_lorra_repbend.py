@@ -106,6 +106,7 @@ def test_repbend_trains_and_decreases(tiny_llama: Path) -> None:
     assert result.finished and all(math.isfinite(x) for x in losses_seen)
     assert losses_seen[-1] < losses_seen[0]
     assert {"push", "cohesion", "kl", "pull", "retain_l2"} <= set(result.metrics[-1])
+    assert result.info["frozen_cache"]["used"] is False  # RepBend runs its own frozen pass
 
 
 def test_repbend_with_every_weight_zero_leaves_the_adapter_unchanged(tiny_llama: Path) -> None:
