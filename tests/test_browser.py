@@ -302,10 +302,17 @@ def test_browser_every_view_screenshots_and_clicks(tiny_organism: Path, breaker:
             open_view(page, url, "view=dataset&threshold=0.9", tmp_path / "dataset.png",
                       charts=3)
             grid = page.locator('[data-testid="stDataFrame"]').last
-            grid.scroll_into_view_if_needed()
-            box = grid.bounding_box()
-            page.mouse.click(box["x"] + 14, box["y"] + 35 + 17)  # the first row's selector
-            page.wait_for_url(re.compile(r"view=where"))
+            for _ in range(3):  # the grid may still move while the page settles: click again
+                grid.scroll_into_view_if_needed()
+                wait_idle(page)
+                box = grid.bounding_box()
+                page.mouse.click(box["x"] + 14, box["y"] + 35 + 17)  # the first row's selector
+                try:
+                    page.wait_for_url(re.compile(r"view=where"), timeout=20_000)
+                    break
+                except Exception:  # noqa: BLE001 - playwright's TimeoutError: try once more
+                    continue
+            page.wait_for_url(re.compile(r"view=where"), timeout=5_000)
             page.wait_for_selector('[data-testid="stPlotlyChart"] .js-plotly-plot')
             wait_idle(page)
             assert "gen=0" in page.url and "prefill=" in page.url
@@ -320,14 +327,15 @@ def test_browser_every_view_screenshots_and_clicks(tiny_organism: Path, breaker:
             readme = Path(__file__).resolve().parents[1] / "benchmarks/results/generalise/loo"
             open_view(page, url, f"view=generalisation&matrix={quote(str(readme))}",
                       tmp_path / "generalisation_readme.png")
-            assert "has only" in page.inner_text("body")
+            page.wait_for_function(  # the note comes after the matrix and its table
+                "() => document.body.innerText.includes('has only')", timeout=60_000)
             open_view(page, url, f"view=generalisation&matrix={quote(str(matrix_dir))}",
                       tmp_path / "generalisation.png")
             matrix = page.locator('[data-testid="stPlotlyChart"]').first
-            click_plot_centre(page, matrix, 0.75, 0.5)  # a template-ASR cell
-            page.wait_for_function(
+            click_plot_centre(page, matrix, 0.75, 0.5)  # the prefill matrix's right column
+            page.wait_for_function(  # the clicked cell's examples: "... on chem ..., prefilling"
                 "() => [...document.querySelectorAll('[data-testid=\"stMarkdownContainer\"]')]"
-                ".some(e => e.innerText.includes('jailbreak templates: ASR'))")
+                ".some(e => e.innerText.includes('on chem') && e.innerText.includes('with the breaker'))")
             wait_idle(page)
             assert_no_error(page)
         except Exception:
