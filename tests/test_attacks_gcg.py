@@ -90,3 +90,27 @@ def test_kept_steps_and_bad_options() -> None:
     for bad in ({"steps": -1}, {"search_width": 0}, {"template": "{optim_str}"}, {"init": " "}):
         with pytest.raises(ConfigError):
             GcgConfig(**bad).validate()
+
+
+def test_gcg_without_nanogcg_is_a_named_error_before_any_work(
+        tiny_organism: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nanoGCG is installed with --no-deps (its pins exclude transformers 5); without it the
+    attack says how to install it, before a single step or generation runs."""
+    import importlib.util
+
+    from cbscope.attacks import gcg
+    from cbscope.evaluate import EvalConfig, evaluate_pair
+    from cbscope.pair import load_pair
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "nanogcg" else real(name, *a))
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("GCG ran before nanoGCG was checked")
+
+    monkeypatch.setattr(gcg, "gcg_attack", no_work)
+    pair = load_pair(tiny_organism)
+    config = EvalConfig(attacks=["gcg"], limit=2, max_new_tokens=4, modes=["base"])
+    with pytest.raises(ConfigError, match="--no-deps nanogcg==0.3.0"):
+        evaluate_pair(pair, config=config, show_progress=False)

@@ -161,6 +161,23 @@ def _adds_bos(tokenizer: Any) -> bool:
     return len(tokenizer("a")["input_ids"]) > len(plain)
 
 
+#: How to install nanoGCG: its 0.3.0 metadata pins ``transformers<=4.47.1``, which cbscope's
+#: transformers 5 cannot meet, although nanoGCG runs on it; so it is installed without its pins.
+NANOGCG_INSTALL = "pip install --no-deps nanogcg==0.3.0"
+
+
+def require_nanogcg() -> None:
+    """Raise a one-line named error when nanoGCG is not importable.
+
+    Raises:
+        ConfigError: nanoGCG is missing, with the command that installs it.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("nanogcg") is None:
+        raise ConfigError(f"the gcg attack runs nanoGCG, which is not installed: {NANOGCG_INSTALL}")
+
+
 @contextlib.contextmanager
 def _nanogcg_state(show_progress: bool) -> Iterator[Any]:
     """nanoGCG with its global side effects undone and its bar shown only when asked."""
@@ -367,6 +384,7 @@ class GcgAttack(Attack):
             ConfigError: An empty initialisation or no prompts.
         """
         super().check(ctx, options)
+        require_nanogcg()
         init = options.init or gcg_init(ctx.suite.kind)
         if not ctx.pair.tokenizer(init, add_special_tokens=False)["input_ids"]:
             raise ConfigError(f"gcg init {init!r} has no tokens")
