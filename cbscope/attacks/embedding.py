@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from cbscope.attacks.base import AttackRun, Checkpoint, copy_metas, model_mode
 from cbscope.attacks.hooks import StopForward, capture_resid
 from cbscope.attacks.options import check_finite
-from cbscope.attacks.placement import check_slot_template, split_at_slot
+from cbscope.attacks.placement import check_init_and_targets, check_slot_template, split_at_slot
 from cbscope.attacks.protocol import Attack, AttackContext
 from cbscope.attacks.registry import register_attack
 from cbscope.attacks.soft_prompt import IGNORE, frozen
@@ -614,11 +614,7 @@ def _suite_targets(ctx: AttackContext) -> tuple[list[str], list[str], list[dict[
 
 
 def _check_init(ctx: AttackContext, options: EmbeddingAttackConfig, name: str) -> None:
-    init = options.init or default_init(ctx.suite.kind)
-    if not ctx.pair.tokenizer(init, add_special_tokens=False)["input_ids"]:
-        raise ConfigError(f"{name} init {init!r} has no tokens")
-    if not ctx.suite.soft:
-        raise ConfigError(f"{name}: the suite has no prompts with targets")
+    check_init_and_targets(ctx, options.init or default_init(ctx.suite.kind), name)
 
 
 @register_attack

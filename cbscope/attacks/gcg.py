@@ -42,7 +42,12 @@ from tqdm.auto import tqdm
 
 from cbscope.attacks.base import AttackRun, Checkpoint, copy_metas, model_mode
 from cbscope.attacks.options import check_finite
-from cbscope.attacks.placement import check_slot_template, fill_slot, split_at_slot
+from cbscope.attacks.placement import (
+    check_init_and_targets,
+    check_slot_template,
+    fill_slot,
+    split_at_slot,
+)
 from cbscope.attacks.protocol import Attack, AttackContext
 from cbscope.attacks.registry import register_attack
 from cbscope.attacks.soft_prompt import frozen
@@ -385,11 +390,7 @@ class GcgAttack(Attack):
         """
         super().check(ctx, options)
         require_nanogcg()
-        init = options.init or gcg_init(ctx.suite.kind)
-        if not ctx.pair.tokenizer(init, add_special_tokens=False)["input_ids"]:
-            raise ConfigError(f"gcg init {init!r} has no tokens")
-        if not ctx.suite.soft:
-            raise ConfigError("gcg: the suite has no prompts with targets")
+        check_init_and_targets(ctx, options.init or gcg_init(ctx.suite.kind), self.name)
 
     def run(self, ctx: AttackContext, mode: str, options: GcgConfig) -> AttackRun:
         """Attack every item; answers get the shared ``max_new_tokens``."""

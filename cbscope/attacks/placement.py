@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cbscope.data import Conversation, as_messages
-from cbscope.errors import TemplateError
+from cbscope.errors import ConfigError, TemplateError
 
 __all__ = ["SLOT", "Placement", "check_slot_template", "fill_slot", "split_at_slot"]
 
@@ -109,3 +109,20 @@ def fill_slot(template: str, request: str, optim_str: str) -> str:
     if after and joined and not after[0].isspace():
         joined = joined + " "
     return before + joined + after
+
+
+def check_init_and_targets(ctx: Any, init: str, name: str) -> None:
+    """Refuse an optimising attack's init string with no tokens, and a suite without targets.
+
+    Args:
+        ctx: The attack context (:class:`cbscope.attacks.protocol.AttackContext`).
+        init: The resolved initialisation string.
+        name: The attack's name, for the message.
+
+    Raises:
+        ConfigError: An empty initialisation or no prompts with targets.
+    """
+    if not ctx.pair.tokenizer(init, add_special_tokens=False)["input_ids"]:
+        raise ConfigError(f"{name} init {init!r} has no tokens")
+    if not ctx.suite.soft:
+        raise ConfigError(f"{name}: the suite has no prompts with targets")
