@@ -172,3 +172,15 @@ def tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = write_tiny_data(tmp_path / "data")
     monkeypatch.setenv("CBSCOPE_DATA", str(folder))
     return folder
+
+
+@pytest.fixture(scope="module")
+def shipped_pair():
+    """The shipped organism with its shipped breaker (one per test module), on one thread."""
+    from cbscope.pair import load_pair
+
+    assets = Path(__file__).resolve().parents[1] / "cbscope" / "assets"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_pair(assets / "organism", assets / "organism-breaker")
+    torch.set_num_threads(threads)

@@ -3,12 +3,8 @@ own answers, every turn judged and traced."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 
-import cbscope
 from cbscope.attacks.escalation import (
     EscalationConfig,
     ManyShotConfig,
@@ -18,18 +14,6 @@ from cbscope.attacks.escalation import (
 )
 from cbscope.attacks.suite import Item
 from cbscope.errors import ConfigError
-
-ASSETS = Path(cbscope.__file__).parent / "assets"
-
-
-@pytest.fixture(scope="module")
-def breaker():
-    from cbscope.pair import load_pair
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_pair(ASSETS / "organism", ASSETS / "organism-breaker")
-    torch.set_num_threads(threads)
 
 
 def test_organism_turns_build_the_topic_up_from_its_harmless_end() -> None:
@@ -45,12 +29,12 @@ def test_organism_turns_build_the_topic_up_from_its_harmless_end() -> None:
     assert len(chat) == 3 and chat[-1] == "do a bad thing" and "do a bad thing" in chat[0]
 
 
-def test_an_escalation_conversation_is_traced_turn_by_turn(breaker) -> None:
+def test_an_escalation_conversation_is_traced_turn_by_turn(shipped_pair) -> None:
     from cbscope.evaluate import EvalConfig, evaluate_pair
 
     config = EvalConfig(attacks=["escalation"], limit=3, max_new_tokens=10,
                         attack_options={"escalation": {"turns": 3}})
-    report = evaluate_pair(breaker, config=config, show_progress=False)
+    report = evaluate_pair(shipped_pair, config=config, show_progress=False)
     rows = [r for r in report.rows if r.get("attack") == "escalation"]
     assert {r["mode"] for r in rows} == {"base", "cb"} and len(rows) == 6
     for row in rows:
@@ -74,7 +58,7 @@ def test_an_escalation_conversation_is_traced_turn_by_turn(breaker) -> None:
     # the trace of one turn is the trace of the conversation cut after it
     row = next(r for r in rows if r["mode"] == "cb")
     cut = [*row["conversation"][:1], {"role": "assistant", "content": row["turns"][0]["answer"]}]
-    alone = trace_turns(breaker, cut, breaker.target_layers)
+    alone = trace_turns(shipped_pair, cut, shipped_pair.target_layers)
     assert alone[0] == pytest.approx(row["turns"][0]["min_cos"], abs=1e-6)
 
 

@@ -8,33 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-import cbscope
 from cbscope.attacks.gcg import ORGANISM_GCG_INIT, GcgConfig, _kept_steps, gcg_attack
 from cbscope.attacks.placement import fill_slot
 from cbscope.errors import ConfigError
 
-ASSETS = Path(cbscope.__file__).parent / "assets"
-
 
 @pytest.fixture(scope="module")
-def breaker():
-    from cbscope.pair import load_pair
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_pair(ASSETS / "organism", ASSETS / "organism-breaker")
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def soft_items(breaker):
+def soft_items(shipped_pair):
     from cbscope.evaluate import EvalConfig, organism_suite, organism_world
 
-    suite = organism_suite(breaker, organism_world(breaker), EvalConfig(limit=2))
+    suite = organism_suite(shipped_pair, organism_world(shipped_pair), EvalConfig(limit=2))
     return [it.prompt for it in suite.soft[:2]], [str(it.meta["target"]) for it in suite.soft[:2]]
 
 
-def test_gcg_lowers_the_target_loss_and_restores_global_state(breaker, soft_items) -> None:
+def test_gcg_lowers_the_target_loss_and_restores_global_state(shipped_pair, soft_items) -> None:
     prompts, targets = soft_items
     torch.manual_seed(1234)
     expected_next = torch.rand(3)
@@ -43,7 +30,7 @@ def test_gcg_lowers_the_target_loss_and_restores_global_state(breaker, soft_item
     config = GcgConfig(
         steps=6, search_width=16, topk=16, keep_every=3, early_stop=False, max_new_tokens=6
     )
-    run = gcg_attack(breaker, prompts, targets, mode="cb", config=config, init=ORGANISM_GCG_INIT)
+    run = gcg_attack(shipped_pair, prompts, targets, mode="cb", config=config, init=ORGANISM_GCG_INIT)
     assert torch.equal(torch.rand(3), expected_next)  # nanoGCG's set_seed undone
     assert torch.are_deterministic_algorithms_enabled() == deterministic
     for meta, kept, sent, prompt in zip(
@@ -58,10 +45,10 @@ def test_gcg_lowers_the_target_loss_and_restores_global_state(breaker, soft_item
         assert meta["retokenizes"] is True  # word-level: the text is the optimised ids
 
 
-def test_gcg_runs_with_the_adapter_off_and_stops_early(breaker, soft_items) -> None:
+def test_gcg_runs_with_the_adapter_off_and_stops_early(shipped_pair, soft_items) -> None:
     prompts, targets = soft_items
     config = GcgConfig(steps=30, search_width=16, topk=16, keep_every=None, max_new_tokens=6)
-    run = gcg_attack(breaker, prompts[:1], targets[:1], mode="base", config=config,
+    run = gcg_attack(shipped_pair, prompts[:1], targets[:1], mode="base", config=config,
                      init=ORGANISM_GCG_INIT)
     kept = run.checkpoints[0]
     assert kept[0].budget == 0 and kept[-1].budget == run.metas[0]["steps_used"]
